@@ -1,0 +1,1 @@
+"""The ``fedtwin`` command line (typer + rich)."""

@@ -1,0 +1,5 @@
+"""Extraction: spec + OMOP database -> per-patient tensors (:class:`CohortTensors`)."""
+
+from fedtwin.extract.tensors import CohortTensors
+
+__all__ = ["CohortTensors"]
