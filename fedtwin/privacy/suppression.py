@@ -22,7 +22,7 @@ def suppress_count(n: int, threshold: int = DEFAULT_THRESHOLD) -> int | str:
 
 
 def is_suppressed(value: Any) -> bool:
-    return isinstance(value, str) and value.startswith("<")
+    return isinstance(value, str) and (value.startswith("<") or value == "suppressed")
 
 
 def suppress_share(numerator: int, denominator: int, threshold: int = DEFAULT_THRESHOLD) -> float | str:
@@ -33,3 +33,19 @@ def suppress_share(numerator: int, denominator: int, threshold: int = DEFAULT_TH
     if numerator < threshold or denominator < threshold:
         return "suppressed"
     return round(numerator / denominator, 4)
+
+
+def suppress_partition(counts: dict[str, int], threshold: int = DEFAULT_THRESHOLD) -> dict[str, int | str]:
+    """Suppress the cells of a partition whose total is shown elsewhere (e.g. sex = F / M).
+
+    Primary suppression hides cells below the threshold. If that hides exactly one cell, its
+    value is the total minus the others, so the smallest remaining cell is hidden too
+    (complementary suppression, as statistical agencies do).
+    """
+    out: dict[str, int | str] = {k: suppress_count(v, threshold) for k, v in counts.items()}
+    hidden = [k for k, v in out.items() if is_suppressed(v)]
+    if len(hidden) == 1:
+        shown = sorted((v, k) for k, v in counts.items() if k not in hidden)
+        if shown:
+            out[shown[0][1]] = "suppressed"
+    return out

@@ -1,0 +1,1 @@
+"""The hospital site's agent: data checks, local DP training, the Flower ClientApp."""

@@ -1,0 +1,73 @@
+"""``fedtwin site ...``: what a hospital's data team runs on its own OMOP database."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(help="Site commands: check data quality, summarize the cohort, manage the privacy budget.", no_args_is_help=True)
+
+
+@app.command("summary")
+def summary(
+    db: str = typer.Option(..., "--db", help="OMOP database: SQLite path or postgresql+psycopg:// URL"),
+    spec: Path = typer.Option(..., "--spec", help="YAML twin spec"),
+    json_out: bool = typer.Option(False, "--json", help="print JSON instead of tables"),
+    suppression_threshold: int | None = typer.Option(None, "--suppression-threshold", min=1, help="default: the spec's"),
+    cdm_schema: str | None = typer.Option(None, "--cdm-schema", help="PostgreSQL schema holding the CDM"),
+) -> None:
+    """Cohort statistics for SPEC on DB, with small-cell suppression (counts below the threshold show as <N)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from fedtwin.extract.extractor import Extractor
+    from fedtwin.extract.summary import summarize
+    from fedtwin.omop import open_database
+    from fedtwin.spec import load_spec
+
+    s = load_spec(spec)
+    database = open_database(db, cdm_schema=cdm_schema)
+    threshold = suppression_threshold or s.suppression_threshold
+    ex = Extractor(database, s)
+    console = Console(stderr=json_out)
+    with Progress(TextColumn("extracting cohort"), BarColumn(), MofNCompleteColumn(), console=console, transient=True) as bar:
+        task = bar.add_task("extract", total=None)
+        tensors = ex.extract(progress=lambda k: bar.advance(task, k))
+    report = summarize(tensors, ex.stats, threshold)
+    if json_out:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    _print_summary(console, s.name, report)
+
+
+def _print_summary(console: Console, name: str, r: dict) -> None:
+    c = r["cohort"]
+    console.print(
+        f"[bold]{name}[/] cohort: {c['patients']} patients ({c['candidates']} candidates; excluded: age {c['excluded_age']}, "
+        f"died in history {c['excluded_died_in_history']}, too few observations {c['excluded_few_observations']}); "
+        f"counts below {r['suppression_threshold']} are shown as <{r['suppression_threshold']}"
+    )
+    t = Table(title="state variables")
+    for col in ("variable", "patients measured", "measurements", "bins observed", "mean", "sd"):
+        t.add_column(col)
+    for k, v in r["state_variables"].items():
+        t.add_row(k, *(str(v[x]) for x in ("patients_measured", "measurements", "bins_observed_share", "mean", "sd")))
+    console.print(t)
+    t = Table(title="interventions")
+    for col in ("intervention", "patients exposed", "mean amount per exposed patient"):
+        t.add_column(col)
+    for k, v in r["interventions"].items():
+        t.add_row(k, str(v["patients_exposed"]), str(v["mean_amount_per_exposed_patient"]))
+    console.print(t)
+    t = Table(title="outcomes and subgroups")
+    t.add_column("what")
+    t.add_column("count")
+    for k, v in r["outcomes"].items():
+        t.add_row(f"outcome {k}", f"{v['events']} (rate {v['rate']})")
+    for attr, groups in r["subgroups"].items():
+        for g, n in groups.items():
+            t.add_row(f"{attr} = {g}", str(n))
+    console.print(t)
