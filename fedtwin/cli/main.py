@@ -11,6 +11,7 @@ from importlib.metadata import entry_points
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from fedtwin.errors import FedTwinError
 
@@ -22,16 +23,25 @@ app = typer.Typer(
     add_completion=False,
 )
 err_console = Console(stderr=True)
+_registered = False
 
 
 def _register() -> None:
+    global _registered
+    if _registered:
+        return
     from fedtwin.cli import omop_cmd, spec_cmd, synth_cmd
 
     app.add_typer(omop_cmd.app, name="omop")
     app.add_typer(spec_cmd.app, name="spec")
     app.command(name="synth")(synth_cmd.synth)
     for ep in entry_points(group="fedtwin.commands"):
-        app.add_typer(ep.load(), name=ep.name)
+        loaded = ep.load()
+        if isinstance(loaded, typer.Typer):
+            app.add_typer(loaded, name=ep.name)
+        else:  # a single command, e.g. `fedtwin demo`
+            app.command(name=ep.name)(loaded)
+    _registered = True
 
 
 def main() -> None:
@@ -39,9 +49,9 @@ def main() -> None:
     try:
         app()
     except FedTwinError as exc:
-        err_console.print(f"[bold red]Error:[/] {exc.problem}", highlight=False, markup=True)
+        err_console.print(f"[bold red]Error:[/] {escape(exc.problem)}", highlight=False)
         if exc.fix:
-            err_console.print(f"[bold]Fix:[/] {exc.fix}", highlight=False)
+            err_console.print(f"[bold]Fix:[/] {escape(exc.fix)}", highlight=False)
         sys.exit(2)
 
 

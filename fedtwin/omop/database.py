@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import DatabaseError as SqlDatabaseError
 
 from fedtwin.errors import DatabaseError
 from fedtwin.omop.schema import FEDTWIN_TABLES, create_cdm_schema
@@ -95,10 +96,17 @@ class OmopDatabase:
                 )
         try:
             conn = self.engine.connect()
+            if self.is_sqlite:
+                conn.exec_driver_sql("SELECT count(*) FROM sqlite_master")  # "file is not a database" shows here
         except OperationalError as exc:
             raise DatabaseError(
                 f"cannot connect to {self.display_url}: {str(exc.orig).strip().splitlines()[0]}",
                 "check that the server is running and the host, port, user and database name are right",
+            ) from None
+        except SqlDatabaseError as exc:
+            raise DatabaseError(
+                f"{self.display_url} is not a readable database: {str(exc.orig).strip().splitlines()[0]}",
+                "point --db at a SQLite OMOP database or a PostgreSQL URL",
             ) from None
         try:
             yield conn

@@ -8,7 +8,7 @@ omop-cdm declares every table under the placeholder schemas ``cdm_schema`` and
   included, reference type/gender/race concepts absent from their vocabulary shard, and OHDSI's
   own DDL applies constraints as a separate, optional step. The data-quality gate reports orphans
   instead of the database refusing the load.
-- ``cohort``/``cohort_attribute`` are absent from omop-cdm's 5.4 model; FedTwin does not read them.
+- ``cohort``/``cohort_definition`` are absent from omop-cdm's 5.4 model; FedTwin does not read them.
 """
 
 from __future__ import annotations
