@@ -98,6 +98,7 @@ class OmopDatabase:
             conn = self.engine.connect()
             if self.is_sqlite:
                 conn.exec_driver_sql("SELECT count(*) FROM sqlite_master")  # "file is not a database" shows here
+                conn.rollback()  # end the probe's implicit transaction so callers can begin() their own
         except OperationalError as exc:
             raise DatabaseError(
                 f"cannot connect to {self.display_url}: {str(exc.orig).strip().splitlines()[0]}",
@@ -105,7 +106,7 @@ class OmopDatabase:
             ) from None
         except SqlDatabaseError as exc:
             raise DatabaseError(
-                f"{self.display_url} is not a readable database: {str(exc.orig).strip().splitlines()[0]}",
+                f"{self.display_url} is not a SQLite database: {str(exc.orig).strip().splitlines()[0]}",
                 "point --db at a SQLite OMOP database or a PostgreSQL URL",
             ) from None
         try:
