@@ -15,6 +15,7 @@ from fedtwin.extract.summary import summarize
 from fedtwin.omop import open_database
 from fedtwin.omop.bulk import bulk_insert
 from fedtwin.spec.io import spec_from_dict
+from conftest import shared_path
 
 SPEC = {
     "name": "tiny_icu",
@@ -194,3 +195,34 @@ def test_refused_postgres_connection() -> None:
     db = open_database("postgresql+psycopg://postgres@127.0.0.1:1/none")
     with pytest.raises(DatabaseError, match="cannot connect to .*127.0.0.1:1"):
         Extractor(db, spec_from_dict(SPEC)).extract()
+
+
+@pytest.fixture(scope="module")
+def synthea_db(tmp_path_factory) -> str:
+    from fedtwin.omop import load_omop_csv
+
+    src = shared_path("omop", "eunomia", "Synthea27Nj", "Synthea27Nj_5.4.zip")
+    url = str(tmp_path_factory.mktemp("synthea") / "synthea.db")
+    load_omop_csv(src, url)
+    return url
+
+
+def test_hypertension_spec_on_synthea27nj(synthea_db: str) -> None:
+    from fedtwin.spec import load_spec
+
+    spec = load_spec(Path(__file__).resolve().parents[1] / "specs" / "hypertension-bp.yaml")
+    ex = Extractor(open_database(synthea_db), spec)
+    t = ex.extract()
+    t.validate()
+    # 28 persons; the adults with a blood pressure measured as adults qualify
+    assert 15 <= t.n_patients <= 28
+    assert np.all(t.static[:, 0] >= 18)
+    sbp = t.values[:, :, 0][t.mask[:, :, 0]]
+    dbp = t.values[:, :, 1][t.mask[:, :, 1]]
+    assert 90 < sbp.mean() < 160 and 50 < dbp.mean() < 100 and sbp.mean() > dbp.mean()
+    assert t.doses.max() <= 1.0 + 1e-6  # exposure fractions
+    assert (t.doses > 0).any()  # Synthea's antihypertensives are picked up
+    report = summarize(t, ex.stats, threshold=spec.suppression_threshold)
+    for name in spec.intervention_names:  # only a handful of patients take each drug
+        assert report["interventions"][name]["patients_exposed"] == "<10"
+    assert report["outcomes"]["death"]["events"] == "<10"
