@@ -9,7 +9,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from site_agent.budget_command import budget
+from site_agent.check_command import check
+
 app = typer.Typer(help="Site commands: check data quality, summarize the cohort, manage the privacy budget.", no_args_is_help=True)
+app.command("check")(check)
+app.command("budget")(budget)
 
 
 @app.command("summary")

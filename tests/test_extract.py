@@ -145,7 +145,6 @@ def test_summary_suppresses_small_counts(tiny_url: str) -> None:
     spec = spec_from_dict({**SPEC, "suppression_threshold": 10})
     ex = Extractor(open_database(tiny_url), spec)
     report = summarize(ex.extract(), ex.stats, threshold=10)
-    text = str(report)
     assert report["cohort"]["patients"] == "<10"
     assert report["state_variables"]["heart_rate"]["mean"] == "suppressed"
     assert report["outcomes"]["death"] == {"events": "<10", "rate": "suppressed"}

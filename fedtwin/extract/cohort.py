@@ -6,22 +6,15 @@ from dataclasses import dataclass
 
 import numpy as np
 from sqlalchemy import Select, func, select
-from sqlalchemy.sql.expression import ColumnElement
 from sqlalchemy.engine import Connection
 
-from fedtwin.extract.sql import epoch_seconds, event_epoch
+from fedtwin.omop.time_sql import SECONDS_PER_YEAR, birth_epoch, epoch_seconds, event_epoch
 from fedtwin.omop.schema import cdm_table
 from fedtwin.spec import TwinSpec
 
-SECONDS_PER_YEAR = 365.25 * 86400.0
 FEMALE, MALE = 8532, 8507
 RACES = {8527: "white", 8516: "black", 8515: "asian", 8657: "american_indian", 8557: "pacific_islander"}
 HISPANIC = 38003563
-
-
-def _birth_epoch_sql(p) -> ColumnElement:  # noqa: ANN001 - a Table
-    """Birth time in SQL: birth_datetime, else mid-year of year_of_birth (exact age is checked later)."""
-    return func.coalesce(epoch_seconds(p.c.birth_datetime), (p.c.year_of_birth - 1970 + 0.5) * SECONDS_PER_YEAR)
 
 
 def index_query(spec: TwinSpec) -> Select:
@@ -52,7 +45,7 @@ def index_query(spec: TwinSpec) -> Select:
     q = select(t.c.person_id, func.min(when).label("index_epoch"))
     if c.min_age is not None:
         q = q.select_from(t.join(p, p.c.person_id == t.c.person_id))
-        where.append(when >= _birth_epoch_sql(p) + c.min_age * SECONDS_PER_YEAR)
+        where.append(when >= birth_epoch(p) + c.min_age * SECONDS_PER_YEAR)
     return q.where(*where).group_by(t.c.person_id)
 
 

@@ -10,7 +10,7 @@ from sqlalchemy import Select, and_, case, func, literal, or_, select
 from sqlalchemy.sql.expression import ColumnElement
 
 from fedtwin.extract.cohort import index_query
-from fedtwin.extract.sql import event_epoch, floor_int
+from fedtwin.omop.time_sql import event_epoch, floor_int
 from fedtwin.omop.schema import cdm_table
 from fedtwin.spec import TwinSpec
 

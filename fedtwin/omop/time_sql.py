@@ -1,14 +1,16 @@
-"""Dialect-portable SQL pieces for time arithmetic, so binning happens inside the database.
+"""Dialect-portable SQL for time, so binning and date checks run inside the database.
 
-SQLite stores datetimes as text and PostgreSQL as timestamps; both reduce to "seconds since the
-Unix epoch" here, and to an integer bin index, with one construct each.
+SQLite stores dates and datetimes as text, PostgreSQL as DATE/TIMESTAMP. Both reduce here to
+"seconds since the Unix epoch", a calendar day, or an integer bin index, one construct each.
 """
 
 from __future__ import annotations
 
-from sqlalchemy import Float, Integer
+from sqlalchemy import Float, Integer, String
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.expression import ColumnElement, FunctionElement, func
+
+SECONDS_PER_YEAR = 365.25 * 86400.0
 
 
 class epoch_seconds(FunctionElement):
@@ -26,7 +28,26 @@ def _epoch_sqlite(element, compiler, **kw):  # noqa: ANN001 - SQLAlchemy compile
 
 @compiles(epoch_seconds, "postgresql")
 def _epoch_pg(element, compiler, **kw):  # noqa: ANN001
-    return "CAST(EXTRACT(EPOCH FROM %s) AS DOUBLE PRECISION)" % compiler.process(element.clauses, **kw)
+    return "CAST(EXTRACT(EPOCH FROM CAST(%s AS TIMESTAMP)) AS DOUBLE PRECISION)" % compiler.process(element.clauses, **kw)
+
+
+class day_of(FunctionElement):
+    """The calendar day of a DATE or DATETIME column, comparable with ``<`` on both dialects."""
+
+    type = String()
+    inherit_cache = True
+    name = "day_of"
+
+
+@compiles(day_of, "sqlite")
+def _day_sqlite(element, compiler, **kw):  # noqa: ANN001
+    # date() normalizes 'YYYY-MM-DD', 'YYYY-MM-DD HH:MM:SS' and 'YYYY-MM-DDTHH:MM:SS' alike.
+    return "date(%s)" % compiler.process(element.clauses, **kw)
+
+
+@compiles(day_of, "postgresql")
+def _day_pg(element, compiler, **kw):  # noqa: ANN001
+    return "CAST(%s AS DATE)" % compiler.process(element.clauses, **kw)
 
 
 class floor_int(FunctionElement):
@@ -50,3 +71,8 @@ def _floor_pg(element, compiler, **kw):  # noqa: ANN001
 def event_epoch(datetime_col: ColumnElement, date_col: ColumnElement) -> ColumnElement:
     """The event time: its datetime when recorded, else midnight of its date (OMOP convention)."""
     return func.coalesce(epoch_seconds(datetime_col), epoch_seconds(date_col))
+
+
+def birth_epoch(person) -> ColumnElement:  # noqa: ANN001 - the person Table
+    """Birth time: birth_datetime, else mid-year of year_of_birth (exact age is checked later)."""
+    return func.coalesce(epoch_seconds(person.c.birth_datetime), (person.c.year_of_birth - 1970 + 0.5) * SECONDS_PER_YEAR)
