@@ -36,7 +36,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.schema import CreateIndex, CreateSchema, DropIndex
 
 from fedtwin.errors import DatabaseError, FedTwinError
-from fedtwin.omop.bulk import bulk_insert
+from fedtwin.omop.bulk import analyze, bulk_insert
 from fedtwin.omop.csv_source import SourceError, SourceFile, open_source, read_csv
 from fedtwin.omop.database import OmopDatabase, open_database
 from fedtwin.omop.schema import FEDTWIN_TABLES, cdm_table, cdm_tables, create_cdm_schema
@@ -524,6 +524,7 @@ def _load_all(
         if previous_cache is not None:
             conn.exec_driver_sql(f"PRAGMA cache_size={int(previous_cache)}")
 
+    analyze(conn, plan.tables)
     _detect_version(conn, plan, report)
     _warn(report, plan)
     report.concepts_in_vocabulary = conn.execute(select(func.count()).select_from(cdm_table("concept"))).scalar_one()
