@@ -13,8 +13,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from fedtwin.privacy.accounting import secure_rng_status
-from fedtwin.privacy.ledger import DatasetStatus, PrivacyLedger
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the ledger pulls in Opacus/torch: import it only when the command runs
+    from fedtwin.privacy.ledger import DatasetStatus
 
 LAST_ENTRIES = 5
 
@@ -24,6 +26,9 @@ def budget(
     json_out: bool = typer.Option(False, "--json", help="print JSON instead of tables"),
 ) -> None:
     """Privacy budget per dataset: budget, composed spend, remaining, runs/rounds/steps, last entries."""
+    from fedtwin.privacy.accounting import secure_rng_status
+    from fedtwin.privacy.ledger import PrivacyLedger
+
     with PrivacyLedger.open(ledger, read_only=True) as led:
         statuses = led.statuses()
     rng = secure_rng_status()

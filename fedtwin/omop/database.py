@@ -115,8 +115,12 @@ class OmopDatabase:
             conn.close()
 
     @contextmanager
-    def begin(self, create: bool = False) -> Iterator[Connection]:
-        """A transaction: committed on success, rolled back (nothing half-written) on error."""
+    def begin(self, create: bool = False, sqlite_pragmas: tuple[str, ...] = ()) -> Iterator[Connection]:
+        """A transaction: committed on success, rolled back (nothing half-written) on error.
+
+        ``sqlite_pragmas`` run before the transaction opens (``journal_mode`` cannot change
+        inside one); they are ignored on PostgreSQL.
+        """
         if create and self.is_sqlite:
             path = make_url(self.url).database
             if path and path != ":memory:":
@@ -124,6 +128,14 @@ class OmopDatabase:
                 Path(path).touch(exist_ok=True)
         with self.connect() as conn:
             with conn.begin():
+                if self.is_sqlite:
+                    for pragma in sqlite_pragmas:
+                        conn.connection.driver_connection.execute(f"PRAGMA {pragma}")
+                    # pysqlite opens its implicit transaction only before DML, so CREATE TABLE
+                    # would autocommit; an explicit BEGIN puts DDL in the transaction too.
+                    raw = conn.connection.driver_connection
+                    if not raw.in_transaction:
+                        raw.execute("BEGIN")
                 yield conn
 
     def table_names(self) -> set[str]:

@@ -436,14 +436,7 @@ def _transaction(db: OmopDatabase) -> Iterator[Connection]:
     """``db.begin(create=True)``, with the DDL inside the transaction on SQLite too, and database
     errors (unreachable server, a file that is not a database) turned into :class:`DatabaseError`."""
     try:
-        with db.begin(create=True) as conn:
-            if db.is_sqlite:
-                # pysqlite opens its implicit transaction only before DML, so CREATE TABLE would
-                # autocommit; an explicit BEGIN makes table creation part of the load's
-                # transaction, and a failed load leaves no empty tables behind.
-                raw = conn.connection.driver_connection
-                if not raw.in_transaction:
-                    raw.execute("BEGIN")
+        with db.begin(create=True) as conn:  # DDL included: a failed load leaves no empty tables
             yield conn
     except FedTwinError:
         raise
