@@ -1,0 +1,69 @@
+"""Saving and loading a twin as one file: weights, config, spec hash and the spec itself.
+
+The file is a ``torch.save`` of plain containers (tensors, dicts, strings, numbers), loaded
+with ``weights_only=True`` so that opening a model file never executes code. The spec's
+canonical JSON travels with the weights: a model can be loaded without the YAML, and loading
+it against a different spec fails with both hashes named.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from fedtwin.errors import FedTwinError
+from fedtwin.spec import TwinSpec, spec_hash
+from fedtwin.spec.io import canonical_json, spec_from_dict
+from fedtwin.twin.config import TwinConfig
+from fedtwin.twin.model import TwinModel
+
+FORMAT = "fedtwin-twin-model/1"
+
+
+def save_model(model: TwinModel, path: str | Path) -> Path:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": FORMAT,
+        "config": model.config.to_dict(),
+        "spec_hash": model.spec_hash,
+        "spec_json": canonical_json(model.spec),
+        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+    }
+    tmp = p.with_name(p.name + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(p)
+    return p
+
+
+def load_model(path: str | Path, spec: TwinSpec | None = None) -> TwinModel:
+    """Load a model file; with ``spec``, require that it is the spec the model was trained for."""
+    p = Path(path)
+    try:
+        payload = torch.load(p, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FedTwinError(f"model file {p} does not exist", "pass the path written by save_model") from None
+    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same advice
+        raise FedTwinError(f"model file {p} cannot be read: {exc}", "pass a file written by fedtwin.twin.save_model") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise FedTwinError(f"{p} is not a FedTwin twin model file (format {FORMAT})", "pass a file written by save_model")
+    stored_hash = str(payload["spec_hash"])
+    stored_spec = spec_from_dict(json.loads(payload["spec_json"]), source=f"{p} (embedded spec)")
+    if spec_hash(stored_spec) != stored_hash:
+        raise FedTwinError(f"{p}: the embedded spec does not match its recorded hash {stored_hash}", "the file is corrupt; retrain or re-download it")
+    if spec is not None:
+        given = spec_hash(spec)
+        if given != stored_hash:
+            raise FedTwinError(
+                f"model {p} was trained for spec hash {stored_hash}, but the given spec {spec.name!r} has hash {given}",
+                "load the model with the spec it was trained for, or train a new model for this spec",
+            )
+    model = TwinModel(spec or stored_spec, TwinConfig.from_dict(payload["config"]))
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError as exc:
+        raise FedTwinError(f"{p}: weights do not fit the model built from its config: {exc}", "the file is corrupt or from an incompatible FedTwin") from None
+    model.eval()
+    return model
