@@ -1,0 +1,1 @@
+"""Training orchestration at a site: split, privacy planning with the ledger, fit, write."""
