@@ -20,7 +20,7 @@ import secrets
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -153,8 +153,19 @@ class PrivateTrainer:
         return self.model
 
 
-def fit(model: TwinModel, tensors: CohortTensors, config: FitConfig | None = None, dp: DPSettings | None = None) -> FitReport:
-    """Train ``model`` in place on ``tensors``; DP-SGD when ``dp`` is given."""
+def fit(
+    model: TwinModel,
+    tensors: CohortTensors,
+    config: FitConfig | None = None,
+    dp: DPSettings | None = None,
+    on_step: Callable[[], None] | None = None,
+) -> FitReport:
+    """Train ``model`` in place on ``tensors``; DP-SGD when ``dp`` is given.
+
+    ``on_step`` is called after every optimizer step: the privacy ledger counts DP steps as
+    they happen (a crash mid-run then records what was really spent), and the CLI's progress
+    bar advances.
+    """
     config = config or FitConfig()
     batch = prepare_batch(tensors, model.spec, model.norm)
     n = batch.size
@@ -171,6 +182,8 @@ def fit(model: TwinModel, tensors: CohortTensors, config: FitConfig | None = Non
             try:
                 for idx in trainer.batches():
                     losses.append(trainer.step(batch.select(idx)))
+                    if on_step:
+                        on_step()
                 report = trainer.report()
             finally:
                 trainer.close()
@@ -192,6 +205,8 @@ def fit(model: TwinModel, tensors: CohortTensors, config: FitConfig | None = Non
                 project_parameters(model)
                 losses.append(float(loss.detach()))
                 steps += 1
+                if on_step:
+                    on_step()
     model.eval()
     return FitReport(steps=steps, seconds=time.perf_counter() - start, n_patients=n, losses=losses)
 
