@@ -26,7 +26,7 @@ def summary(
     cdm_schema: str | None = typer.Option(None, "--cdm-schema", help="PostgreSQL schema holding the CDM"),
 ) -> None:
     """Cohort statistics for SPEC on DB, with small-cell suppression (counts below the threshold show as <N)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from fedtwin.extract.extractor import Extractor
     from fedtwin.extract.summary import summarize
@@ -38,9 +38,10 @@ def summary(
     threshold = suppression_threshold or s.suppression_threshold
     ex = Extractor(database, s)
     console = Console(stderr=json_out)
-    with Progress(TextColumn("extracting cohort"), BarColumn(), MofNCompleteColumn(), console=console, transient=True) as bar:
-        task = bar.add_task("extract", total=None)
-        tensors = ex.extract(progress=lambda k: bar.advance(task, k))
+    # no running count on the bar: on a small cohort it would show a number below the threshold
+    with Progress(TextColumn("extracting cohort"), BarColumn(), TimeElapsedColumn(), console=console, transient=True) as bar:
+        bar.add_task("extract", total=None)
+        tensors = ex.extract()
     report = summarize(tensors, ex.stats, threshold)
     if json_out:
         typer.echo(json.dumps(report, indent=2))

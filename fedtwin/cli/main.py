@@ -30,9 +30,10 @@ def _register() -> None:
     global _registered
     if _registered:
         return
-    from fedtwin.cli import omop_cmd, spec_cmd, synth_cmd
+    from fedtwin.cli import omop_cmd, spec_cmd, synth_cmd, train_cmd
 
     app.add_typer(omop_cmd.app, name="omop")
+    app.add_typer(train_cmd.app, name="train")
     app.add_typer(spec_cmd.app, name="spec")
     app.command(name="synth")(synth_cmd.synth)
     for ep in entry_points(group="fedtwin.commands"):

@@ -1,0 +1,137 @@
+"""Turning "this run may spend epsilon E" into a DP-SGD configuration the ledger accepts.
+
+The site's ledger holds the dataset's total budget and everything already spent on it. A run's
+``epsilon`` is its share: the noise multiplier is calibrated so that the composed epsilon over
+*all* previous steps plus this run's steps reaches ``min(spent + E, budget)`` and no more.
+Composition is not additive, so "spent + E" is a target for the composed total, not a sum of
+per-run epsilons.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from fedtwin.errors import FedTwinError
+from fedtwin.privacy.accounting import BudgetExceededError, calibrate_noise_multiplier
+from fedtwin.privacy.ledger import PrivacyLedger
+
+
+EXHAUSTED_MARGIN = 0.02  # twice the calibration tolerance: what is left below this is not spendable
+
+
+@dataclass(frozen=True)
+class DPRequest:
+    """What the operator asked for (``fedtwin train local`` options)."""
+
+    epsilon: float
+    delta: float | None = None
+    budget_epsilon: float | None = None
+    max_grad_norm: float = 1.0
+    batch_size: int = 256
+    epochs: float = 3.0
+
+
+@dataclass(frozen=True)
+class PrivacyPlan:
+    """The DP-SGD settings of one run and what they will spend, as the ledger sees it."""
+
+    dataset_id: str
+    accountant: str
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    max_grad_norm: float
+    delta: float
+    budget_epsilon: float
+    spent_before: float
+    target_epsilon: float
+    projected_epsilon: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def open_or_create_ledger(path: Path, dataset_id: str, request: DPRequest) -> PrivacyLedger:
+    """Open the site's ledger; create it only when the operator sets a budget explicitly.
+
+    A missing ledger is not silently recreated: that would reset what was spent. The first run
+    on a dataset must say what the total budget is (``--budget-epsilon``, ``--delta``).
+    """
+    if not path.exists():
+        if request.budget_epsilon is None or request.delta is None:
+            raise FedTwinError(
+                f"privacy ledger {path} does not exist",
+                "if this is the site's first training on this dataset, pass --budget-epsilon TOTAL and --delta D "
+                "to create it; otherwise point --ledger at the site's existing ledger",
+            )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ledger = PrivacyLedger.create(path)
+    else:
+        ledger = PrivacyLedger.open(path)
+    if dataset_id not in ledger.datasets():
+        if request.budget_epsilon is None or request.delta is None:
+            ledger.close()
+            raise FedTwinError(
+                f"the ledger {path} has no budget for dataset {dataset_id}",
+                "pass --budget-epsilon TOTAL and --delta D to set this dataset's budget (recorded in the ledger)",
+            )
+        ledger.set_budget(dataset_id, epsilon=request.budget_epsilon, delta=request.delta, note="set by fedtwin train local")
+    budget = ledger.budget(dataset_id)
+    if request.budget_epsilon is not None and not math.isclose(request.budget_epsilon, budget.epsilon):
+        ledger.close()
+        raise FedTwinError(
+            f"--budget-epsilon {request.budget_epsilon:g} differs from the budget recorded for {dataset_id} "
+            f"(epsilon {budget.epsilon:g}, delta {budget.delta:g})",
+            "omit --budget-epsilon to use the recorded budget; a change needs the data governance's approval "
+            "(PrivacyLedger.change_budget, which is recorded)",
+        )
+    if request.delta is not None and not math.isclose(request.delta, budget.delta):
+        ledger.close()
+        raise FedTwinError(
+            f"--delta {request.delta:g} differs from the dataset's budget delta {budget.delta:g}",
+            "composition is over one delta per dataset: omit --delta or pass the recorded one",
+        )
+    return ledger
+
+
+def plan_run(ledger: PrivacyLedger, dataset_id: str, n_patients: int, request: DPRequest) -> PrivacyPlan:
+    """Calibrate the noise for this run's steps; refuse (fail closed) if the ledger says no."""
+    if request.epsilon <= 0:
+        raise FedTwinError(f"--epsilon must be positive, got {request.epsilon:g}", "pass the epsilon this run may spend")
+    budget = ledger.budget(dataset_id)
+    accountant = ledger.accountant(dataset_id)
+    prior = ledger.history(dataset_id)
+    spent = ledger.spent_epsilon(dataset_id)
+    if budget.epsilon - spent < EXHAUSTED_MARGIN:
+        # calibration stops just below its target, so a budget "used up" leaves a sliver that no
+        # useful training fits into: call it what it is instead of "noise would swamp learning"
+        raise BudgetExceededError(
+            f"the privacy budget of {dataset_id} is exhausted: epsilon {spent:.3f} of {budget.epsilon:g} "
+            f"(delta {budget.delta:g}) is already spent",
+            "no further training on this data unless the site's data governance approves a larger budget "
+            "(PrivacyLedger.change_budget, which is recorded)",
+        )
+    sample_rate = min(1.0, request.batch_size / max(n_patients, 1))
+    steps = max(1, math.ceil(request.epochs / sample_rate))
+    target = min(budget.epsilon, spent + request.epsilon)
+    sigma = calibrate_noise_multiplier(
+        prior=prior, sample_rate=sample_rate, steps=steps, target_epsilon=target, delta=budget.delta, accountant=accountant
+    )
+    check = ledger.check_plan(
+        dataset_id, noise_multiplier=sigma, sample_rate=sample_rate, steps_per_round=steps, rounds=1, n_patients=n_patients
+    )
+    return PrivacyPlan(
+        dataset_id=dataset_id,
+        accountant=accountant,
+        noise_multiplier=sigma,
+        sample_rate=sample_rate,
+        steps=steps,
+        max_grad_norm=request.max_grad_norm,
+        delta=budget.delta,
+        budget_epsilon=budget.epsilon,
+        spent_before=spent,
+        target_epsilon=target,
+        projected_epsilon=check.projected_epsilon,
+    )
