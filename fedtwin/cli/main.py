@@ -35,6 +35,8 @@ def _register() -> None:
     app.add_typer(omop_cmd.app, name="omop")
     app.add_typer(train_cmd.app, name="train")
     app.add_typer(spec_cmd.app, name="spec")
+    from fedtwin.cli import twin_cmd  # (kept apart from the shared import line above)
+    app.add_typer(twin_cmd.app, name="twin")
     app.command(name="synth")(synth_cmd.synth)
     for ep in entry_points(group="fedtwin.commands"):
         loaded = ep.load()

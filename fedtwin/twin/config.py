@@ -35,6 +35,12 @@ class TwinConfig:
       a N(0, residual_prior_std^2) prior (model units): the network pays for every correction,
       so it explains only what the mechanism cannot and the mechanistic parameters keep their
       meaning. Not applied to the residual-only twin, where the network is the whole dynamics.
+    - ``hazard_plan``: the prospective default plan whose rollout the outcome hazard reads, in
+      training and for the risk a forecast reports: ``"hold"`` (each intervention's dose of the
+      last history bin continued over the horizon) or ``"zero"`` (no further treatment). The
+      recorded doses after the prediction time are never used for risk: they are unknown at
+      prediction time and leak the outcome (treatment stops when a patient dies). A what-if's
+      risk reads the rollout under the what-if's own plan.
     """
 
     mechanism: bool = True
@@ -51,6 +57,7 @@ class TwinConfig:
     mask_model: bool = False
     mask_weight: float = 0.1
     residual_prior_std: float = 0.05
+    hazard_plan: Literal["hold", "zero"] = "hold"
 
     def __post_init__(self) -> None:
         if not (self.mechanism or self.residual):
@@ -70,6 +77,11 @@ class TwinConfig:
         if not self.pooling_timescales or any(t < 0 for t in self.pooling_timescales):
             raise FedTwinError(
                 f"TwinConfig.pooling_timescales must be non-empty and >= 0, got {self.pooling_timescales}"
+            )
+        if self.hazard_plan not in ("hold", "zero"):
+            raise FedTwinError(
+                f"TwinConfig.hazard_plan must be 'hold' or 'zero', got {self.hazard_plan!r}",
+                "use hazard_plan='hold' (recorded future doses would leak the outcome into the risk)",
             )
         if not self.residual_prior_std > 0:
             raise FedTwinError(f"TwinConfig.residual_prior_std must be positive, got {self.residual_prior_std}")

@@ -8,14 +8,23 @@ means) and treated as Gaussian. Canonical mean/std are then exact moments of tha
 under the variable's transform (log-normal for log-scaled variables) and interval bounds are
 exact quantiles (the transform is monotone), so intervals are asymmetric where they should be.
 
+If the model carries a calibrated ``interval_scale`` (per variable, fitted on patients it did not
+train on: fedtwin.evaluation.calibrate_intervals), the hybrid's predictive std in model units is
+multiplied by it before the canonical summaries.
+
 The mechanism-only forecast reuses the same parameter draws with the residual switched off;
 ``residual_contribution = mean - mechanism_mean``, so the two add up to the forecast.
+
+Risk is read from a rollout under an explicit plan, never from one driven by the recorded doses
+after the prediction time (unknown then, and they leak the outcome): by default the model's
+prospective plan (``TwinConfig.hazard_plan``, ``hold``), the plan the hazard was trained on;
+``risk_doses`` names another one. A what-if's risk uses its own plan (fedtwin.twin.whatif).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Sequence
 
 import numpy as np
 import torch
@@ -24,7 +33,7 @@ from fedtwin.errors import FedTwinError
 from fedtwin.extract.tensors import CohortTensors
 from fedtwin.twin.batch import TwinBatch, prepare_batch
 from fedtwin.twin.hazard import risk as hazard_risk
-from fedtwin.twin.model import TwinModel
+from fedtwin.twin.model import Rollout, TwinModel
 from fedtwin.twin.normalization import Z50, Z90
 from fedtwin.twin.training import torch_threads
 
@@ -60,7 +69,9 @@ class TwinForecast:
     ``residual_contribution = predicted.mean - mechanism.mean``; ``mechanism_share`` (N, V):
     the part of the forecast's movement from the current state explained by the mechanism,
     sum|mech - current| / (sum|mech - current| + sum|residual|) over the horizon (NaN when
-    neither moves); ``risk`` (N, O): P(outcome within its window).
+    neither moves); ``risk`` (N, O): P(outcome within its window) from the rollout under the
+    plan ``risk_plan`` (``hold`` or ``zero``: the model's prospective default, unless the caller
+    asked for another one).
     """
 
     person_ids: np.ndarray
@@ -75,6 +86,7 @@ class TwinForecast:
     mechanism_share: np.ndarray
     risk: np.ndarray
     n_samples: int
+    risk_plan: str = "hold"
 
     @property
     def mean(self) -> np.ndarray:
@@ -131,13 +143,20 @@ def simulate(
     dose_plans: list[torch.Tensor],
     n_samples: int = 32,
     seed: int = 0,
-    mechanism_only: bool = True,
+    mechanism_only: bool | Sequence[bool] = True,
 ) -> list[Simulation]:
     """Roll every patient out under each dose plan (model-unit doses (N, T, D)) with the SAME
     posterior draws for all plans (common random numbers: differences are not MC noise).
 
-    ``n_samples = 0`` uses the posterior mean only (no parameter uncertainty).
+    Each plan's risk is the hazard read from that plan's own rollout. ``mechanism_only`` (one
+    flag, or one per plan) also rolls out the mechanism alone; where False, the mechanism-only
+    fields repeat the hybrid's. ``n_samples = 0`` uses the posterior mean only (no parameter
+    uncertainty). The draws depend only on ``seed`` and the patients, so two calls with the same
+    seed on the same batch share them.
     """
+    mech_flags = [mechanism_only] * len(dose_plans) if isinstance(mechanism_only, bool) else list(mechanism_only)
+    if len(mech_flags) != len(dose_plans):
+        raise ValueError("mechanism_only needs one flag per dose plan")
     model.eval()
     s = max(n_samples, 1)
     chunk = max(1, MAX_ROWS // s)
@@ -150,14 +169,32 @@ def simulate(
         post = model.posterior(b)
         theta = post.mu.repeat_interleave(s, dim=0) if n_samples == 0 else post.repeat(s).sample(gen)
         rep = b.repeat(s)
+        h = model.history
+        base: tuple[torch.Tensor, TwinBatch, Rollout] | None = None  # the first plan's doses, batch, rollout
+        base_mech: Rollout | None = None
         for k, plan in enumerate(dose_plans):
-            bp = rep.with_doses(plan[idx].repeat_interleave(s, dim=0))
-            roll = model.rollout(bp, theta)
+            dose = plan[idx].repeat_interleave(s, dim=0)
+            bp = rep.with_doses(dose)
+            # plans that share the history doses continue the first plan's rollout from the
+            # prediction time (same draws, same history: only the horizon is recomputed)
+            shared = base is not None and torch.equal(dose[:, :h], base[0][:, :h])
+            roll = model.branch(base[2], bp, theta) if (shared and base is not None) else model.rollout(bp, theta)
+            if base is None:
+                base = (dose, bp, roll)
             mu, var = _mixture(roll.mean, roll.var, n, s)
+            if model.interval_scale is not None:  # calibrated predictive std (hybrid only)
+                var = var * model.interval_scale.square()
             out[k]["mean"].append(mu.numpy())
             out[k]["var"].append(var.numpy())
-            if mechanism_only and model.residual is not None:
-                mroll = model.rollout(bp, theta, use_residual=False)
+            if mech_flags[k] and model.residual is not None:
+                if shared and base is not None:
+                    if base_mech is None:
+                        base_mech = model.rollout(base[1], theta, use_residual=False)
+                    mroll = model.branch(base_mech, bp, theta, use_residual=False)
+                else:
+                    mroll = model.rollout(bp, theta, use_residual=False)
+                    if k == 0:
+                        base_mech = mroll
                 mmu, mvar = _mixture(mroll.mean, mroll.var, n, s)
             else:
                 mmu, mvar = mu, var
@@ -215,17 +252,28 @@ def forecast(
     seed: int = 0,
     horizon_doses: HorizonDoses = "recorded",
     num_threads: int | None = None,
+    risk_doses: HorizonDoses | None = None,
 ) -> TwinForecast:
     """Forecast the horizon of every patient of ``tensors`` from its history.
 
     Only history bins of values/masks are read. Horizon doses: ``recorded`` (the doses in the
     tensors, e.g. retrospective evaluation or a planned regimen filled in by the caller),
     ``zero`` (no further treatment) or ``hold`` (each intervention kept at its last history bin).
+
+    The risk is read from the rollout under ``risk_doses`` (default: the model's prospective
+    plan ``TwinConfig.hazard_plan``, which the hazard was trained on), whatever the forecast's
+    horizon doses, so it depends only on the history. ``risk_doses="recorded"`` conditions the
+    risk on the doses actually given after the prediction time: retrospective, and optimistic
+    (those doses reflect the outcome); use it only to measure that leak.
     """
+    risk_mode: HorizonDoses = risk_doses or model.config.hazard_plan
     with torch_threads(num_threads):
         batch = prepare_batch(tensors, model.spec, model.norm)
-        plan = model_doses(model, horizon_dose_override(model, tensors, horizon_doses))
-        sim = simulate(model, batch, [plan], n_samples, seed)[0]
+        plans = [model_doses(model, horizon_dose_override(model, tensors, horizon_doses))]
+        if risk_mode != horizon_doses:
+            plans.append(model_doses(model, horizon_dose_override(model, tensors, risk_mode)))
+        sims = simulate(model, batch, plans, n_samples, seed, mechanism_only=[True, False][: len(plans)])
+    sim, risk = sims[0], sims[-1].risk
     h = model.history
     pred = bands(model, sim.mean[:, h:], sim.var[:, h:])
     mech = bands(model, sim.mech_mean[:, h:], sim.mech_var[:, h:])
@@ -242,6 +290,7 @@ def forecast(
         residual_contribution=residual,
         current_state=cur,
         mechanism_share=mechanism_share(mech.mean, residual, cur),
-        risk=sim.risk,
+        risk=risk,
         n_samples=n_samples,
+        risk_plan=risk_mode,
     )

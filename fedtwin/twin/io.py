@@ -3,7 +3,9 @@
 The file is a ``torch.save`` of plain containers (tensors, dicts, strings, numbers), loaded
 with ``weights_only=True`` so that opening a model file never executes code. The spec's
 canonical JSON travels with the weights: a model can be loaded without the YAML, and loading
-it against a different spec fails with both hashes named.
+it against a different spec fails with both hashes named. An optional ``interval_scale`` (the
+calibrated predictive std per variable, fedtwin.evaluation.calibrate_intervals) travels too;
+files without it load as uncalibrated.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ def save_model(model: TwinModel, path: str | Path) -> Path:
         "spec_json": canonical_json(model.spec),
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
     }
+    if model.interval_scale is not None:
+        payload["interval_scale"] = [float(x) for x in model.interval_scale.tolist()]
     tmp = p.with_name(p.name + ".tmp")
     torch.save(payload, tmp)
     tmp.replace(p)
@@ -65,5 +69,10 @@ def load_model(path: str | Path, spec: TwinSpec | None = None) -> TwinModel:
         model.load_state_dict(payload["state_dict"])
     except RuntimeError as exc:
         raise FedTwinError(f"{p}: weights do not fit the model built from its config: {exc}", "the file is corrupt or from an incompatible FedTwin") from None
+    scale = payload.get("interval_scale")
+    if scale is not None:
+        if len(scale) != model.n_vars or not all(isinstance(x, float) and x > 0 for x in scale):
+            raise FedTwinError(f"{p}: the interval calibration does not fit the model's {model.n_vars} variables", "the file is corrupt; recalibrate or retrain")
+        model.interval_scale = torch.tensor(scale, dtype=torch.float32)
     model.eval()
     return model

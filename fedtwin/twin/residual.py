@@ -57,23 +57,30 @@ class ResidualNetwork(nn.Module):
             self.out.weight.mul_(INIT_OUT_GAIN)
             self.out.bias.zero_()
 
-    def forward(self, feats: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        self, feats: torch.Tensor, context: torch.Tensor, h0: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Features (B, T, F) and context (B, C) -> correction (B,T,V), log-variance adjustment
-        (B,T,V) and hidden state (B,T,H)."""
+        (B,T,V), mixed hidden state z (B,T,H) and the recurrence's memory h (B,T,H).
+
+        ``h0`` (B, H): the memory before the first bin (zeros by default); lets a rollout
+        continue from the memory of another one at a given bin (fedtwin.twin.model.TwinModel.branch).
+        """
         if context.shape[1] == 0:
             context = context.new_zeros(context.shape[0], 1)
         u = torch.tanh(self.inp(feats) + self.ctx(context).unsqueeze(1))
         lam = torch.sigmoid(self.decay(feats))
         keep = 1.0 - lam
-        h = torch.zeros_like(lam)
+        h = torch.zeros_like(lam) if h0 is None else h0
         states = []
         for u_t in u.unbind(dim=1):
             h = lam * h + keep * u_t
             states.append(h)
-        z = torch.tanh(self.mix(torch.cat([torch.stack(states, dim=1), u], dim=-1)))
+        memory = torch.stack(states, dim=1)
+        z = torch.tanh(self.mix(torch.cat([memory, u], dim=-1)))
         o = self.out(z)
         corr, lv = o[..., : self.n_vars], o[..., self.n_vars :]
-        return corr, LOGVAR_ADJUST_MAX * torch.tanh(lv / LOGVAR_ADJUST_MAX), z
+        return corr, LOGVAR_ADJUST_MAX * torch.tanh(lv / LOGVAR_ADJUST_MAX), z, memory
 
     def mask_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         assert self.mask_head is not None

@@ -5,6 +5,11 @@ recorded doses of the named interventions over the horizon; the other interventi
 their recorded doses and the history is untouched. Both plans are simulated with the same
 posterior draws (common random numbers), so the difference between them reflects the plan,
 not Monte Carlo noise.
+
+Each plan's risk is the outcome hazard read from that plan's rollout. ``risk_recorded`` is
+therefore conditional on the doses actually given after the prediction time: fine for a
+retrospective comparison, but those doses can reflect the outcome (treatment stops at death),
+so it is not a prospective risk; :func:`fedtwin.twin.forecast` gives that one (default plan).
 """
 
 from __future__ import annotations
