@@ -262,31 +262,7 @@ class Extractor:
 
 
 def concat(chunks: list[CohortTensors]) -> CohortTensors:
-    first = chunks[0]
-    if len(chunks) == 1:
-        return first
-    cat = lambda name: np.concatenate([getattr(c, name) for c in chunks])  # noqa: E731
-    return CohortTensors(
-        spec_hash=first.spec_hash,
-        state_names=first.state_names,
-        intervention_names=first.intervention_names,
-        outcome_names=first.outcome_names,
-        static_names=first.static_names,
-        history_steps=first.history_steps,
-        horizon_steps=first.horizon_steps,
-        step_seconds=first.step_seconds,
-        person_ids=cat("person_ids"),
-        values=cat("values"),
-        mask=cat("mask"),
-        counts=cat("counts"),
-        time_since=cat("time_since"),
-        doses=cat("doses"),
-        outcome_event=cat("outcome_event"),
-        outcome_time=cat("outcome_time"),
-        static=cat("static"),
-        subgroups={k: np.concatenate([c.subgroups[k] for c in chunks]) for k in first.subgroups},
-        index_epoch=cat("index_epoch"),
-    )
+    return CohortTensors.concat(chunks)
 
 
 def extract_cohort(db: OmopDatabase, spec: TwinSpec, chunk_size: int = DEFAULT_CHUNK) -> CohortTensors:

@@ -7,7 +7,7 @@ Nothing here is imputed. A value that was not measured in a bin has ``mask == Fa
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 
@@ -58,29 +58,40 @@ class CohortTensors:
     def total_steps(self) -> int:
         return self.history_steps + self.horizon_steps
 
+    # Fields that describe the cohort as a whole; every other field has one row per patient.
+    _META = ("spec_hash", "state_names", "intervention_names", "outcome_names", "static_names",
+             "history_steps", "horizon_steps", "step_seconds")
+
+    def _map_rows(self, per_row) -> "CohortTensors":  # noqa: ANN001 - array -> array
+        kwargs = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in self._META:
+                kwargs[f.name] = value
+            elif f.name == "subgroups":
+                kwargs[f.name] = {k: per_row(v) for k, v in value.items()}
+            else:
+                kwargs[f.name] = per_row(value)
+        return CohortTensors(**kwargs)
+
     def select(self, idx: np.ndarray) -> "CohortTensors":
         """The same cohort restricted to the patients at positions ``idx`` (e.g. a train split)."""
-        return CohortTensors(
-            spec_hash=self.spec_hash,
-            state_names=self.state_names,
-            intervention_names=self.intervention_names,
-            outcome_names=self.outcome_names,
-            static_names=self.static_names,
-            history_steps=self.history_steps,
-            horizon_steps=self.horizon_steps,
-            step_seconds=self.step_seconds,
-            person_ids=self.person_ids[idx],
-            values=self.values[idx],
-            mask=self.mask[idx],
-            counts=self.counts[idx],
-            time_since=self.time_since[idx],
-            doses=self.doses[idx],
-            outcome_event=self.outcome_event[idx],
-            outcome_time=self.outcome_time[idx],
-            static=self.static[idx],
-            subgroups={k: v[idx] for k, v in self.subgroups.items()},
-            index_epoch=self.index_epoch[idx],
-        )
+        return self._map_rows(lambda a: a[idx])
+
+    @staticmethod
+    def concat(chunks: list["CohortTensors"]) -> "CohortTensors":
+        """Patients of several chunks (or databases) of the same spec, in order."""
+        first = chunks[0]
+        if len(chunks) == 1:
+            return first
+        stacked = {f.name: [getattr(c, f.name) for c in chunks] for f in fields(first) if f.name not in CohortTensors._META}
+        out = first._map_rows(lambda a: a)
+        for name, parts in stacked.items():
+            if name == "subgroups":
+                out.subgroups = {k: np.concatenate([p[k] for p in parts]) for k in first.subgroups}
+            else:
+                setattr(out, name, np.concatenate(parts))
+        return out
 
     def validate(self) -> None:
         """Check shapes and the no-imputation invariant; raises AssertionError on a bug."""
