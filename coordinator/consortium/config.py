@@ -30,6 +30,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError, field_validator, model_validator
 
 from coordinator.consortium.errors import ConsortiumError
+from fedtwin.validation_errors import error_rows
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 SITE_CONFIG_NODE_KEY = "site-config"  # the SuperNode --node-config key naming the site config file
@@ -281,43 +282,12 @@ class ConsortiumManifest(_Strict):
 # ------------------------------------------------------------------------------------ reading
 
 
-def _location(loc: tuple[Any, ...]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif isinstance(part, str) and (part.startswith("function-") or part in ("int", "float", "constrained-int")):
-            continue
-        else:
-            out += f".{part}" if out else str(part)
-    return out or "(top level)"
-
-
-def _value_at(data: Any, loc: tuple[Any, ...]) -> Any:
-    for part in loc:
-        try:
-            data = data[part]
-        except (KeyError, IndexError, TypeError):
-            return "<missing>"
-    return data
-
-
 def validate_toml_data(model: type[M], data: Any, source: str) -> M:
     """Validate parsed TOML; every problem names its table.field, the value found and the rule."""
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        lines, seen = [], set()
-        for err in exc.errors():
-            where = _location(tuple(err["loc"]))
-            msg = err["msg"].removeprefix("Value error, ")
-            if (where, msg) in seen:
-                continue
-            seen.add((where, msg))
-            shown = repr(_value_at(data, tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))))
-            if len(shown) > 80:
-                shown = shown[:77] + "..."
-            lines.append(f"  - {where} = {shown}: {msg}")
+        lines = [f"  - {where} = {shown}: {msg}" for where, shown, msg in error_rows(exc, data)]
         raise ConsortiumError(
             f"{source}: invalid {model.__name__} ({len(lines)} problem{'s' if len(lines) != 1 else ''}):\n" + "\n".join(lines),
             "correct the fields named above (docs/deployment.md documents every field)",

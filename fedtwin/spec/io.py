@@ -11,23 +11,8 @@ import yaml
 from pydantic import ValidationError
 
 from fedtwin.errors import SpecError
+from fedtwin.validation_errors import error_rows
 from fedtwin.spec.model import TwinSpec
-
-
-def _location(loc: tuple[Any, ...]) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or "(top level)"
-
-
-def _value_at(data: Any, loc: tuple[Any, ...]) -> Any:
-    for part in loc:
-        try:
-            data = data[part]
-        except (KeyError, IndexError, TypeError):
-            return "<missing>"
-    return data
 
 
 def spec_from_dict(data: Any, source: str = "<spec>") -> TwinSpec:
@@ -40,15 +25,7 @@ def spec_from_dict(data: Any, source: str = "<spec>") -> TwinSpec:
     try:
         return TwinSpec.model_validate(data)
     except ValidationError as exc:
-        lines = []
-        for err in exc.errors():
-            loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-after")))
-            value = _value_at(data, loc)
-            shown = repr(value)
-            if len(shown) > 80:
-                shown = shown[:77] + "..."
-            msg = err["msg"].removeprefix("Value error, ")
-            lines.append(f"  - field '{_location(loc)}' = {shown}: {msg}")
+        lines = [f"  - field '{where}' = {shown}: {msg}" for where, shown, msg in error_rows(exc, data)]
         raise SpecError(
             f"{source}: invalid twin spec ({len(lines)} problem{'s' if len(lines) != 1 else ''}):\n" + "\n".join(lines),
             "correct the fields named above; docs/twin-specs.md documents every field",
