@@ -14,8 +14,10 @@ import typer
 
 
 def demo(
-    out: Path = typer.Option(Path("fedtwin-demo"), "--out", help="where everything goes (created; must not hold a previous demo)"),
-    patients: int = typer.Option(400, "--patients", min=50, help="mean ICU patients per hospital"),
+    out: Path | None = typer.Option(
+        None, "--out", help="where everything goes (created; default fedtwin-demo/run-<UTC time> in the current folder)"
+    ),
+    patients: int = typer.Option(400, "--patients", min=120, help="mean ICU patients per hospital (the smallest site needs a cohort of 50)"),
     epsilon: float = typer.Option(3.0, "--epsilon", min=0.1, help="epsilon each site spends on its local training"),
     seed: int = typer.Option(7, "--seed"),
 ) -> None:
@@ -34,6 +36,10 @@ def demo(
     from fedtwin.training.local import LocalTrainingConfig, train_local
     from fedtwin.training.privacy_plan import DPRequest
 
+    if out is None:  # a fresh folder per run, so running the demo twice just works
+        import datetime as dt
+
+        out = Path("fedtwin-demo") / dt.datetime.now(dt.timezone.utc).strftime("run-%Y%m%d-%H%M%S")
     console = Console()
     spec_path = Path(__file__).resolve().parents[1] / "specs" / "icu-hemodynamics.yaml"
     spec = load_spec(spec_path)
