@@ -1,0 +1,53 @@
+"""FedTwin's Flower ClientApp: one hospital's part of a federated round.
+
+The SuperNode names the site's config in its node config (``site-config``); each fit reads it,
+refuses a round whose spec hash is not the site's, trains the global twin with DP-SGD inside the
+site's privacy ledger (:mod:`site_agent.task`) and returns the new parameters, a coarsened patient
+count and only ``{"epsilon_spent": composed epsilon}`` as metrics. ``secaggplus_mod`` is applied
+only when the ServerApp runs SecAgg+ (run config ``secagg``): the mod fails on a plain train
+message. Kept cheap to import: the heavy work is imported inside :mod:`site_agent.task`.
+"""
+
+from __future__ import annotations
+
+from flwr.client import NumPyClient
+from flwr.client.mod import secaggplus_mod
+from flwr.clientapp import ClientApp
+
+
+class SiteClient(NumPyClient):
+    def __init__(self, site_config: str, run_config: dict, run_id: str) -> None:
+        self.site_config = site_config
+        self.run_config = dict(run_config)
+        self.run_id = run_id
+
+    def get_parameters(self, config):  # the ServerApp sends initial parameters itself
+        raise RuntimeError("FedTwin sites do not provide initial parameters: the coordinator does")
+
+    def fit(self, parameters, config):
+        from site_agent.task import RoundSettings, run_round
+
+        server_round = int(config.get("server_round", config.get("server-round", 0)))
+        settings = RoundSettings.from_config(dict(config), self.run_config, server_round, self.run_id)
+        result = run_round(self.site_config, parameters, settings)
+        return result.parameters, result.num_examples, {"epsilon_spent": float(result.epsilon_spent)}
+
+    def evaluate(self, parameters, config):
+        raise RuntimeError("FedTwin sites do not evaluate in the federation (evaluate messages are not protected)")
+
+
+def client_fn(context):
+    node = context.node_config
+    if "site-config" not in node:
+        raise RuntimeError("the SuperNode has no node config 'site-config': start it with --node-config site-config=PATH")
+    return SiteClient(str(node["site-config"]), context.run_config, f"flwr-run-{context.run_id}").to_client()
+
+
+def secagg_if_asked(msg, context, call_next):
+    """secaggplus_mod only when the ServerApp runs SecAgg+ (the mod fails on a plain train message)."""
+    if context.run_config.get("secagg"):
+        return secaggplus_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+app = ClientApp(client_fn=client_fn, mods=[secagg_if_asked])
