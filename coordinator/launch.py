@@ -1,0 +1,202 @@
+"""``fedtwin coordinator launch``: run a study (study.toml) on an already running consortium.
+
+:func:`build_run_config` turns a :class:`~coordinator.consortium.config.StudyConfig` into the run
+config of ``apps/fedtwin`` (see :mod:`coordinator.server_app`); :func:`launch` checks everything
+it can before anything runs (study file, consortium, spec, MLflow store, checkpoints), runs the app
+with :func:`coordinator.consortium.run_app` and reads the per-round lines the ServerApp prints.
+
+Checkpoints and the MLflow run id of a study live in ``<checkpoints.dir>/<study id>/``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from coordinator.consortium.errors import ConsortiumError
+
+REPO = Path(__file__).resolve().parents[1]
+APP_DIR = REPO / "apps" / "fedtwin"
+ROUND_RE = re.compile(r"FEDTWIN round=(\d+) status=(\w+) sites=(\d+)")
+CKPT_LINE_RE = re.compile(r"FEDTWIN checkpoint round=(\d+) path=(\S+)")
+MLFLOW_RE = re.compile(r"FEDTWIN tracking uri=(\S+) experiment=(\S+) mlflow_run=(\w+)")
+
+
+@dataclass
+class RoundOutcome:
+    round: int
+    status: str
+    sites: int
+
+
+@dataclass
+class LaunchResult:
+    run_id: int | None
+    ok: bool
+    message: str
+    rounds: list[RoundOutcome] = field(default_factory=list)
+    checkpoints: list[str] = field(default_factory=list)
+    mlflow_run_id: str | None = None
+    output: str = ""
+    run_config: dict[str, Any] = field(default_factory=dict)
+
+
+def study_checkpoint_dir(study) -> Path:
+    return Path(study.checkpoints.dir) / study.study.id
+
+
+def tracking_uri(study) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI", "").strip() or study.tracking.mlflow_tracking_uri
+
+
+def build_run_config(
+    study,
+    *,
+    spec_hash: str,
+    rounds: int | None = None,
+    epsilon_per_round: float = 1.0,
+    resume: bool = False,
+    output_path: str | Path | None = None,
+    mlflow_uri: str | None = None,
+) -> dict[str, Any]:
+    """The run config of apps/fedtwin for ``study`` (every key is declared in its pyproject.toml)."""
+    s = study.secagg
+    ckpt = study_checkpoint_dir(study)
+    cfg: dict[str, Any] = {
+        "study-id": study.study.id,
+        "spec-path": str(study.study.spec),
+        "spec-hash": spec_hash,
+        "num-rounds": int(rounds if rounds is not None else study.study.rounds),
+        "min-sites": int(study.study.min_sites),
+        "strategy": study.strategy.name,
+        "secagg": bool(s.enabled),
+        "epsilon-per-round": float(epsilon_per_round),
+        "checkpoint-dir": str(ckpt),
+        "output-path": str(output_path if output_path is not None else ckpt / "final.npz"),
+        "mlflow-tracking-uri": mlflow_uri if mlflow_uri is not None else tracking_uri(study),
+        "resume": bool(resume),
+    }
+    if s.enabled:
+        cfg.update({
+            "num-shares": s.num_shares,
+            "reconstruction-threshold": s.reconstruction_threshold,
+            "clipping-range": float(s.clipping_range),
+            "quantization-range": int(s.quantization_range),
+            "modulus-range": int(s.modulus_range),
+            "max-weight": float(s.max_weight),
+            "secagg-timeout": float(s.timeout),
+        })
+    return cfg
+
+
+def _server_error(output: str) -> str:
+    """The most telling error line of the ServerApp's log (a traceback's last ``XxxError: ...``)."""
+    hits = re.findall(r"^.*?\b(\w+(?:Error|Exception): .+)$", output, flags=re.M)
+    return hits[-1].strip() if hits else ""
+
+
+def prepare(config: str | Path, consortium: str | Path | None = None, *, resume: bool = False, rounds: int | None = None,
+            epsilon_per_round: float = 1.0, output_path: str | Path | None = None) -> tuple[Path, dict[str, Any]]:
+    """All checks that need no running app; returns (consortium folder, run config). Raises ConsortiumError."""
+    from coordinator.consortium.config import load_manifest, load_study_config
+    from coordinator.tracking import TrackingError, check_tracking_uri
+
+    cfg_path = Path(config).expanduser()
+    if not cfg_path.is_file():
+        raise ConsortiumError(f"study file {cfg_path} does not exist", "give --config PATH/TO/study.toml (written by `fedtwin consortium init`)")
+    study = load_study_config(cfg_path)
+    root = Path(consortium).expanduser().resolve() if consortium else cfg_path.resolve().parent
+    manifest_path = root / "consortium.toml"
+    if not manifest_path.is_file():
+        raise ConsortiumError(f"{root} is not a consortium folder (no consortium.toml)", "give --consortium DIR (the folder `fedtwin consortium init` made)")
+    study.check_against_sites(len(load_manifest(manifest_path).sites))
+    if study.strategy.name != "fedavg":
+        raise ConsortiumError(
+            f"strategy {study.strategy.name!r}: FedTwin's ServerApp and sites run FedAvg only (no FedProx proximal term yet)",
+            'set [strategy] name = "fedavg" in study.toml',
+        )
+    if rounds is not None and rounds < 1:
+        raise ConsortiumError(f"--rounds {rounds}: must be at least 1")
+    if not (epsilon_per_round > 0):
+        raise ConsortiumError(f"--epsilon-per-round {epsilon_per_round}: must be positive")
+    if not Path(study.study.spec).is_file():
+        raise ConsortiumError(f"the study's spec {study.study.spec} does not exist", "fix [study] spec in study.toml")
+    from fedtwin.spec import load_spec, spec_hash
+
+    h = spec_hash(load_spec(study.study.spec))
+    uri = tracking_uri(study)
+    try:
+        check_tracking_uri(uri)
+    except TrackingError as exc:
+        raise ConsortiumError(str(exc), "fix [tracking] mlflow_tracking_uri in study.toml (or MLFLOW_TRACKING_URI), e.g. sqlite:////ABS/PATH/mlflow.db") from None
+
+    from coordinator.server_app import list_checkpoints, read_checkpoint
+
+    ckpt_dir = study_checkpoint_dir(study)
+    found = list_checkpoints(ckpt_dir)
+    n_rounds = rounds if rounds is not None else study.study.rounds
+    if resume:
+        if not found:
+            raise ConsortiumError(f"--resume: no checkpoint in {ckpt_dir}", "launch without --resume to start at round 1")
+        last_round, last_hash, _ = read_checkpoint(found[-1])
+        if last_hash != h:
+            raise ConsortiumError(
+                f"--resume: checkpoint {found[-1]} is for spec hash {last_hash[:12]}, the study's spec is {h[:12]}",
+                "resume with the spec the checkpoint was trained on, or start a new study id",
+            )
+        if last_round >= n_rounds:
+            raise ConsortiumError(
+                f"--resume: checkpoint {found[-1]} is already at round {last_round} of {n_rounds}: nothing left to run",
+                f"raise the number of rounds (--rounds {last_round + 1} or more, or [study] rounds)",
+            )
+    elif found:
+        raise ConsortiumError(
+            f"{ckpt_dir} already holds checkpoints (last: {found[-1].name}) of an earlier launch of study {study.study.id!r}",
+            "continue it with --resume, or move the folder away to start over",
+        )
+    run_config = build_run_config(study, spec_hash=h, rounds=rounds, epsilon_per_round=epsilon_per_round, resume=resume,
+                                  output_path=output_path, mlflow_uri=uri)
+    return root, run_config
+
+
+def launch(config: str | Path, consortium: str | Path | None = None, *, resume: bool = False, rounds: int | None = None,
+           epsilon_per_round: float = 1.0, output_path: str | Path | None = None, timeout: float = 3600.0,
+           app_dir: str | Path = APP_DIR, echo: Callable[[str], None] | None = None) -> LaunchResult:
+    """Check, run the study on the consortium, and say how it went (``ok`` False on failure or a halted round)."""
+    from coordinator.consortium.consortium import run_app
+
+    root, run_config = prepare(config, consortium, resume=resume, rounds=rounds, epsilon_per_round=epsilon_per_round,
+                               output_path=output_path)
+    Path(run_config["checkpoint-dir"]).mkdir(parents=True, exist_ok=True)
+    if echo:
+        echo(f"launching study {run_config['study-id']} on {root}: rounds={run_config['num-rounds']} resume={resume} "
+             f"secagg={run_config['secagg']} min_sites={run_config['min-sites']}")
+    res = run_app(root, app_dir, run_config, stream=True, timeout=timeout)
+    out = res.output
+    outcomes = [RoundOutcome(int(r), s, int(n)) for r, s, n in ROUND_RE.findall(out)]
+    ckpts = [p for _, p in CKPT_LINE_RE.findall(out)]
+    m = MLFLOW_RE.search(out)
+    result = LaunchResult(res.run_id, False, "", outcomes, ckpts, m.group(3) if m else None, out, run_config)
+    if echo:
+        for o in outcomes:
+            echo(f"round {o.round}: {o.status} ({o.sites} site{'s' if o.sites != 1 else ''})")
+    halted = [o.round for o in outcomes if o.status != "completed"]
+    first = int(re.search(r"first_round=(\d+)", out).group(1)) if re.search(r"first_round=(\d+)", out) else 1
+    expected = list(range(first, int(run_config["num-rounds"]) + 1))
+    if res.returncode == -1:
+        result.message = f"run {res.run_id} timed out after {timeout:.0f} s (stopped on the SuperLink)"
+    elif not res.ok:
+        why = _server_error(out)
+        result.message = f"run {res.run_id} ended {res.status}:{res.sub_status}" + (f": {why}" if why else "")
+    elif halted:
+        result.message = f"run {res.run_id}: round(s) {', '.join(map(str, halted))} halted (a site failed or refused, or too few sites reached the SecAgg+ threshold: see the sites' logs); not checkpointed"
+    elif [o.round for o in outcomes] != expected:
+        result.message = f"run {res.run_id}: expected rounds {expected}, the ServerApp reported {[o.round for o in outcomes]}"
+    else:
+        result.ok = True
+        result.message = (f"run {res.run_id}: rounds {expected[0]}..{expected[-1]} completed in {res.seconds:.1f} s; "
+                          f"last checkpoint {ckpts[-1] if ckpts else '-'}; MLflow run {result.mlflow_run_id or '-'}")
+    return result

@@ -1,0 +1,118 @@
+"""MLflow per-round tracking for FedTwin's ServerApp (one experiment per study, one run per launch).
+
+Used by :mod:`coordinator.server_app` (and :func:`check_tracking_uri` by ``fedtwin coordinator
+launch``, before anything runs). The MLflow run id is stored beside the study's checkpoints
+(``RUN_ID_FILE``) so that a resumed launch keeps logging into the same run. Per round (step =
+round number): ``sites`` (sites in the aggregate), ``round_seconds``, ``halted`` (0/1) and
+``epsilon_spent.<node id>`` (each site's composed epsilon as it reports it).
+
+Only :class:`mlflow.MlflowClient` is used (no global active run), so nothing leaks between runs.
+Heavy imports (mlflow) happen inside the functions.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+RUN_ID_FILE = "mlflow_run_id"
+
+
+class TrackingError(RuntimeError):
+    """The MLflow store cannot be used; the message says which store and why."""
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    if not uri.startswith("sqlite:"):
+        return None
+    rest = uri[len("sqlite:"):]
+    if not rest.startswith("///"):
+        raise TrackingError(f"MLflow tracking URI {uri!r}: an SQLite store is sqlite:///ABSOLUTE/PATH/mlflow.db (three slashes + path)")
+    path = rest[3:].split("?", 1)[0]
+    if not path or path == ":memory:":
+        raise TrackingError(f"MLflow tracking URI {uri!r}: give an SQLite file, e.g. sqlite:////tmp/mlflow.db")
+    return Path(path)  # sqlite:////abs/path.db -> /abs/path.db; sqlite:///rel.db -> rel.db (cwd)
+
+
+def check_tracking_uri(uri: str) -> None:
+    """Cheap checks that need no MLflow import: a known scheme; an SQLite file in a writable folder."""
+    uri = (uri or "").strip()
+    if not uri:
+        raise TrackingError("the MLflow tracking URI is empty (study.toml [tracking] mlflow_tracking_uri)")
+    db = _sqlite_path(uri)
+    if db is not None:
+        folder = db.parent
+        if not folder.is_dir():
+            raise TrackingError(f"MLflow store {uri}: folder {folder} does not exist")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise TrackingError(f"MLflow store {uri}: folder {folder} is not writable")
+        if db.exists() and not os.access(db, os.W_OK):
+            raise TrackingError(f"MLflow store {uri}: {db} is not writable")
+        return
+    scheme = uri.split("://", 1)[0] if "://" in uri else ""
+    if scheme not in ("http", "https", "file", "postgresql", "mysql", "mssql", "databricks") and not uri.startswith("/"):
+        raise TrackingError(f"MLflow tracking URI {uri!r}: unsupported scheme (use sqlite:///PATH, file:///PATH or http(s)://HOST)")
+
+
+class RoundTracker:
+    """One MLflow run of a study; ``log_round`` once per round, ``close`` at the end."""
+
+    def __init__(self, uri: str, study_id: str, run_dir: Path | None, params: dict[str, Any], resume: bool) -> None:
+        check_tracking_uri(uri)
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+        from mlflow import MlflowClient
+
+        self.uri = uri
+        try:
+            self.client = MlflowClient(tracking_uri=uri)
+            exp = self.client.get_experiment_by_name(study_id)
+            exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(study_id)
+            id_file = Path(run_dir) / RUN_ID_FILE if run_dir is not None else None
+            self.run_id = None
+            if resume and id_file is not None and id_file.is_file():
+                rid = id_file.read_text().strip()
+                run = self.client.get_run(rid)
+                if run.info.experiment_id != exp_id:
+                    raise TrackingError(f"MLflow run {rid} ({id_file}) is not in experiment {study_id!r} of {uri}")
+                self.run_id = rid
+                self.client.update_run(rid, status="RUNNING")
+                have = dict(run.data.params)
+                for k, v in params.items():
+                    if k not in have:
+                        self.client.log_param(rid, k, v)
+                    elif have[k] != str(v):  # params are immutable in MLflow: record the change as a tag
+                        self.client.set_tag(rid, f"resumed.{k}", str(v))
+                self.client.set_tag(rid, "resumed", "true")
+            else:
+                run = self.client.create_run(exp_id, tags={"fedtwin.study": study_id})
+                self.run_id = run.info.run_id
+                for k, v in params.items():
+                    self.client.log_param(self.run_id, k, v)
+                if id_file is not None:  # beside the checkpoints: a resumed launch continues this run
+                    id_file.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = id_file.with_suffix(".tmp")
+                    tmp.write_text(self.run_id + "\n")
+                    os.replace(tmp, id_file)
+        except TrackingError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any MLflow failure here means "the store is unusable"
+            raise TrackingError(f"MLflow store {uri} cannot be used: {type(exc).__name__}: {exc}") from exc
+
+    def log_round(self, server_round: int, sites: int, seconds: float, halted: bool, epsilon: dict[str, float]) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        metrics = [
+            Metric("sites", float(sites), ts, int(server_round)),
+            Metric("round_seconds", float(seconds), ts, int(server_round)),
+            Metric("halted", 1.0 if halted else 0.0, ts, int(server_round)),
+        ]
+        metrics += [Metric(f"epsilon_spent.{site}", float(eps), ts, int(server_round)) for site, eps in sorted(epsilon.items())]
+        self.client.log_batch(self.run_id, metrics=metrics)
+
+    def close(self, failed: bool = False) -> None:
+        self.client.set_terminated(self.run_id, status="FAILED" if failed else "FINISHED")

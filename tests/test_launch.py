@@ -1,0 +1,161 @@
+"""``fedtwin coordinator launch`` on a real 2-site consortium (SecAgg+): checkpoints, resume, MLflow.
+
+One launch of 1 round, then ``--resume --rounds 2`` continues at round 2 from the round-1
+checkpoint into the same MLflow run; the pre-run checks (missing study file, unusable MLflow
+store, refused fresh launch over checkpoints, nothing left to resume) fail before anything runs.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+REPO = Path(__file__).resolve().parents[1]
+SPEC = REPO / "specs" / "icu-hemodynamics.yaml"
+N_SITES = 2
+
+
+def _cli(*args: str):
+    from coordinator.cli import app
+
+    return CliRunner().invoke(app, list(args), catch_exceptions=False)
+
+
+def _text(res) -> str:
+    out = res.output
+    try:
+        out += res.stderr
+    except ValueError:  # stderr mixed into output
+        pass
+    return re.sub(r"\s+", " ", out)
+
+
+def _write_study(root: Path, name: str, **tracking) -> Path:
+    import tomli_w
+
+    data = tomllib.loads((root / "study.toml").read_text())
+    data["tracking"].update(tracking)
+    p = root / name
+    p.write_text(tomli_w.dumps(data))
+    return p
+
+
+def test_missing_study_file_is_a_clear_error(tmp_path: Path) -> None:
+    res = _cli("launch", "--config", str(tmp_path / "nope.toml"))
+    assert res.exit_code == 2
+    assert "study file" in _text(res) and "does not exist" in _text(res)
+
+
+def test_tracking_uri_checks() -> None:
+    from coordinator.tracking import TrackingError, check_tracking_uri
+
+    check_tracking_uri("sqlite:////tmp/mlflow-check.db")
+    for bad, why in (("sqlite:////no/such/folder/mlflow.db", "does not exist"), ("bogus://x", "unsupported scheme"), ("", "empty")):
+        with pytest.raises(TrackingError, match=why):
+            check_tracking_uri(bad)
+
+
+@pytest.fixture(scope="module")
+def consortium(tmp_path_factory: pytest.TempPathFactory):
+    from coordinator.consortium import down, init_consortium, up
+    from fedtwin.synth import SynthRequest, synthesize
+
+    work = tmp_path_factory.mktemp("launch")
+    root = work / "local"
+    init_consortium(root, sites=N_SITES, spec=SPEC, rounds=1, study_id="launch-study",
+                    secagg={"num_shares": 1.0, "reconstruction_threshold": 1.0, "timeout": 120.0},
+                    runtime={"preload": ["torch", "site_agent.client_app"]})
+    synthesize(SynthRequest(sites=N_SITES, patients=150, seed=11, out=work / "synth", sizes=[150] * N_SITES, workers=1))
+    for k in range(1, N_SITES + 1):
+        shutil.copyfile(work / "synth" / f"site_{k}.db", root / "data" / f"site_{k}.omop.sqlite")
+    try:
+        up(root, timeout=180)
+        yield root
+    finally:
+        down(root)
+        from coordinator.consortium import processes
+        from coordinator.consortium.layout import Layout
+
+        leftovers = processes.stray_processes(Layout.at(root).root, by_cmdline=True)
+        assert not leftovers, f"processes left behind: {leftovers}"
+
+
+@pytest.mark.slow
+def test_launch_then_resume_continues_from_the_checkpoint_in_one_mlflow_run(consortium: Path) -> None:
+    from mlflow import MlflowClient
+
+    from coordinator.consortium import load_study_config
+    from coordinator.server_app import list_checkpoints, read_checkpoint
+    from coordinator.tracking import RUN_ID_FILE
+    from fedtwin.spec import load_spec, spec_hash
+
+    study_file = consortium / "study.toml"
+    study = load_study_config(study_file)
+    ckpt_dir = Path(study.checkpoints.dir) / study.study.id
+    h = spec_hash(load_spec(study.study.spec))
+
+    # pre-run checks: an unusable MLflow store fails before any run starts
+    bad = _write_study(consortium, "study-bad-mlflow.toml", mlflow_tracking_uri=f"sqlite:///{consortium / 'no-such-dir' / 'm.db'}")
+    res = _cli("launch", "--config", str(bad))
+    assert res.exit_code == 2 and "no-such-dir does not exist" in _text(res), _text(res)
+    assert not list_checkpoints(ckpt_dir)
+    res = _cli("launch", "--config", str(study_file), "--resume")
+    assert res.exit_code == 2 and "no checkpoint" in _text(res), _text(res)
+
+    # a halted round (both sites refuse: epsilon 0.1 per round is too little for ~100 patients) fails the
+    # launch, is logged as halted and is not checkpointed
+    res = _cli("launch", "--config", str(study_file), "--epsilon-per-round", "0.1")
+    assert res.exit_code == 1 and "round(s) 1 halted" in _text(res), _text(res)
+    assert not list_checkpoints(ckpt_dir)
+    halted_run = (ckpt_dir / RUN_ID_FILE).read_text().strip()
+    client = MlflowClient(tracking_uri=study.tracking.mlflow_tracking_uri)
+    assert [(m.step, m.value) for m in client.get_metric_history(halted_run, "halted")] == [(1, 1.0)]
+    assert client.get_run(halted_run).info.status == "FAILED"
+
+    # launch: round 1
+    res = _cli("launch", "--config", str(study_file), "--consortium", str(consortium))
+    assert res.exit_code == 0, _text(res)
+    assert "round 1: completed (2 sites)" in res.output
+    assert [read_checkpoint(p)[:2] for p in list_checkpoints(ckpt_dir)] == [(1, h)]
+    run_id = (ckpt_dir / RUN_ID_FILE).read_text().strip()
+    round1 = read_checkpoint(list_checkpoints(ckpt_dir)[0])[2]
+
+    # a fresh launch over existing checkpoints is refused
+    res = _cli("launch", "--config", str(study_file))
+    assert res.exit_code == 2 and "already holds checkpoints" in _text(res), _text(res)
+
+    # resume to 2 rounds: only round 2 runs, from the round-1 parameters, into the same MLflow run
+    res = _cli("launch", "--config", str(study_file), "--resume", "--rounds", "2")
+    assert res.exit_code == 0, _text(res)
+    assert "round 2: completed (2 sites)" in res.output and "round 1:" not in res.output, res.output
+    ckpts = list_checkpoints(ckpt_dir)
+    assert [read_checkpoint(p)[:2] for p in ckpts] == [(1, h), (2, h)]
+    round2 = read_checkpoint(ckpts[1])[2]
+    assert [a.shape for a in round2] == [a.shape for a in round1]
+    assert any(not np.allclose(a, b) for a, b in zip(round1, round2))
+    assert (ckpt_dir / RUN_ID_FILE).read_text().strip() == run_id
+
+    assert run_id != halted_run
+    exp = client.get_experiment_by_name(study.study.id)
+    assert sorted(r.info.run_id for r in client.search_runs([exp.experiment_id])) == sorted([run_id, halted_run])
+    assert client.get_run(run_id).info.status == "FINISHED"
+    run = client.get_run(run_id)
+    assert run.data.params["spec_hash"] == h and run.data.params["min_sites"] == "2" and run.data.params["secagg"] == "True"
+    assert sorted((m.step, m.value) for m in client.get_metric_history(run_id, "sites")) == [(1, 2.0), (2, 2.0)]
+    assert sorted((m.step, m.value) for m in client.get_metric_history(run_id, "halted")) == [(1, 0.0), (2, 0.0)]
+    eps = [k for k in run.data.metrics if k.startswith("epsilon_spent.")]
+    assert len(eps) == N_SITES
+    for k in eps:
+        hist = sorted(client.get_metric_history(run_id, k), key=lambda m: m.step)
+        assert [m.step for m in hist] == [1, 2] and 0 < hist[0].value < hist[1].value
+    assert [m.step for m in client.get_metric_history(run_id, "round_seconds")] == [1, 2]
+
+    # nothing left to resume
+    res = _cli("launch", "--config", str(study_file), "--resume", "--rounds", "2")
+    assert res.exit_code == 2 and "nothing left to run" in _text(res), _text(res)
