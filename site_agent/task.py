@@ -105,7 +105,7 @@ def run_round(site_config_path: str | Path, parameters: list, settings: RoundSet
     from fedtwin.training.privacy_plan import DPRequest, open_or_create_ledger, plan_run
     from fedtwin.training.split import train_test_split
     from fedtwin.extract.extractor import Extractor
-    from fedtwin.twin import DPSettings, FitConfig, TwinModel, fit, get_parameters, set_parameters
+    from fedtwin.twin import FitConfig, TwinModel, fit, get_parameters, set_parameters
 
     site = load_site_config(site_config_path)
     spec = load_spec(site.data.spec)
@@ -138,25 +138,11 @@ def run_round(site_config_path: str | Path, parameters: list, settings: RoundSet
     ledger = open_or_create_ledger(site.privacy.ledger, dataset_id, request)
     try:
         plan = plan_run(ledger, dataset_id, train.n_patients, request)
-        dp = DPSettings(
-            noise_multiplier=plan.noise_multiplier,
-            max_grad_norm=plan.max_grad_norm,
-            sample_rate=plan.sample_rate,
-            steps=plan.steps,
-            accountant=plan.accountant,
-            delta=plan.delta,
-        )
-        with ledger.spend(
-            dataset_id,
-            run_id=settings.run_id,
-            noise_multiplier=plan.noise_multiplier,
-            sample_rate=plan.sample_rate,
-            steps=plan.steps,
-            max_grad_norm=plan.max_grad_norm,
-            round=settings.server_round,
+        with plan.reserve(
+            ledger, run_id=settings.run_id, round=settings.server_round,
             note=f"federated round {settings.server_round}, spec {own[:12]}",
         ) as session:
-            fit(model, train, FitConfig(lr=settings.lr, batch_size=settings.batch_size), dp=dp,
+            fit(model, train, FitConfig(lr=settings.lr, batch_size=settings.batch_size), dp=plan.dp_settings(),
                 on_step=lambda: session.add_steps(1))
         spent = float(ledger.spent_epsilon(dataset_id))
     finally:

@@ -22,7 +22,7 @@ from fedtwin.spec import TwinSpec, spec_hash
 from fedtwin.training.outputs import refuse_existing, staged_output, write_json
 from fedtwin.training.privacy_plan import DPRequest, PrivacyPlan, open_or_create_ledger, plan_run
 from fedtwin.training.split import DEFAULT_TEST_FRACTION, train_test_split
-from fedtwin.twin import DPSettings, FitConfig, FitReport, TwinConfig, TwinModel, evaluate, fit, save_model
+from fedtwin.twin import FitConfig, FitReport, TwinConfig, TwinModel, evaluate, fit, save_model
 
 
 @dataclass
@@ -87,30 +87,14 @@ def train_local(
         ledger = open_or_create_ledger(config.ledger, dataset_id, config.dp)
         try:
             plan = plan_run(ledger, dataset_id, train.n_patients, config.dp)
-            dp = DPSettings(
-                noise_multiplier=plan.noise_multiplier,
-                max_grad_norm=plan.max_grad_norm,
-                sample_rate=plan.sample_rate,
-                steps=plan.steps,
-                accountant=plan.accountant,
-                delta=plan.delta,
-            )
             step = progress("training with DP-SGD", plan.steps)
-            with ledger.spend(
-                dataset_id,
-                run_id=run_id,
-                noise_multiplier=plan.noise_multiplier,
-                sample_rate=plan.sample_rate,
-                steps=plan.steps,
-                max_grad_norm=plan.max_grad_norm,
-                note=f"fedtwin train local, spec {spec_hash(spec)[:12]}",
-            ) as session:
+            with plan.reserve(ledger, run_id=run_id, note=f"fedtwin train local, spec {spec_hash(spec)[:12]}") as session:
 
                 def counted() -> None:
                     session.add_steps(1)
                     step(1)
 
-                report = fit(model, train, fit_cfg, dp=dp, on_step=counted)
+                report = fit(model, train, fit_cfg, dp=plan.dp_settings(), on_step=counted)
             spent_total = ledger.spent_epsilon(dataset_id)
         finally:
             ledger.close()

@@ -52,6 +52,32 @@ class PrivacyPlan:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def dp_settings(self):  # noqa: ANN201 - DPSettings; imported late so planning needs no torch
+        """The trainer's DP-SGD settings: exactly the ones the ledger reserves."""
+        from fedtwin.twin.config import DPSettings
+
+        return DPSettings(
+            noise_multiplier=self.noise_multiplier,
+            max_grad_norm=self.max_grad_norm,
+            sample_rate=self.sample_rate,
+            steps=self.steps,
+            accountant=self.accountant,
+            delta=self.delta,
+        )
+
+    def reserve(self, ledger: PrivacyLedger, *, run_id: str, note: str, round: int | None = None):  # noqa: A002, ANN201
+        """``ledger.spend(...)`` for this plan: the reservation the trainer counts its steps in."""
+        return ledger.spend(
+            self.dataset_id,
+            run_id=run_id,
+            noise_multiplier=self.noise_multiplier,
+            sample_rate=self.sample_rate,
+            steps=self.steps,
+            max_grad_norm=self.max_grad_norm,
+            round=round,
+            note=note,
+        )
+
 
 def open_or_create_ledger(path: Path, dataset_id: str, request: DPRequest) -> PrivacyLedger:
     """Open the site's ledger; create it only when the operator sets a budget explicitly.
