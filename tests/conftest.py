@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -81,3 +83,30 @@ def pg_database_factory(pg_admin_url: str):
     finally:
         for url in made:
             _drop_database(pg_admin_url, url)
+
+
+@contextmanager
+def running_consortium(root: Path, extra_env: dict[str, str] | None = None) -> Iterator[Path]:
+    """``up`` a consortium for the block, then ``down`` it and check no process was left behind."""
+    from coordinator.consortium import down, processes, up
+    from coordinator.consortium.layout import Layout
+
+    try:
+        up(root, timeout=180, extra_env=extra_env)
+        yield root
+    finally:
+        down(root)
+        leftovers = processes.stray_processes(Layout.at(root).root, by_cmdline=True)
+        assert not leftovers, f"processes left behind: {leftovers}"
+
+
+def synthetic_site_databases(root: Path, work: Path, n_sites: int, patients: int = 150, seed: int = 11) -> None:
+    """Small synthetic ICU hospitals copied to where the consortium's site configs expect them."""
+    import shutil
+
+    from fedtwin.synth import SynthRequest, synthesize
+
+    out = work / "synth"
+    synthesize(SynthRequest(sites=n_sites, patients=patients, seed=seed, out=out, sizes=[patients] * n_sites, workers=1))
+    for k in range(1, n_sites + 1):
+        shutil.copyfile(out / f"site_{k}.db", root / "data" / f"site_{k}.omop.sqlite")

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import running_consortium
 
 from coordinator.consortium import commands, compose, processes
 from coordinator.consortium.commands import ProcessSpec
@@ -271,14 +272,8 @@ def consortium(tmp_path_factory: pytest.TempPathFactory):
     (so that a FAB holding only pyproject.toml can reference it, as the real app references installed modules)."""
     root = tmp_path_factory.mktemp("consortium") / "local"
     init_consortium(root, sites=2)
-    env = {"PYTHONPATH": str(PROBE)}
-    try:
-        up(root, timeout=180, extra_env=env)
+    with running_consortium(root, extra_env={"PYTHONPATH": str(PROBE)}):
         yield root
-    finally:
-        down(root)
-        leftovers = processes.stray_processes(Layout.at(root).root, by_cmdline=True)
-        assert not leftovers, f"processes left behind: {leftovers}"
 
 
 @pytest.mark.slow

@@ -9,11 +9,11 @@ and per-site DP-SGD inside each site's privacy ledger. Also (fast) the site-side
 from __future__ import annotations
 
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import running_consortium, synthetic_site_databases
 
 REPO = Path(__file__).resolve().parents[1]
 APP = REPO / "apps" / "fedtwin"
@@ -51,33 +51,16 @@ def test_site_helpers_coarsen_counts_and_refuse_unsafe_updates() -> None:
 # ------------------------------------------------------------------------ the federation (slow)
 
 
-def _write_sites(root: Path, work: Path) -> None:
-    from fedtwin.synth import SynthRequest, synthesize
-
-    out = work / "synth"
-    synthesize(SynthRequest(sites=N_SITES, patients=150, seed=11, out=out, sizes=[150] * N_SITES, workers=1))
-    for k in range(1, N_SITES + 1):
-        shutil.copyfile(out / f"site_{k}.db", root / "data" / f"site_{k}.omop.sqlite")
-
-
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory: pytest.TempPathFactory):
-    from coordinator.consortium import down, init_consortium, up
+    from coordinator.consortium import init_consortium
 
     work = tmp_path_factory.mktemp("federation")
     root = work / "local"
     init_consortium(root, sites=N_SITES, spec=SPEC, runtime={"preload": ["torch", "site_agent.client_app"]})
-    _write_sites(root, work)
-    try:
-        up(root, timeout=180)
+    synthetic_site_databases(root, work, N_SITES)
+    with running_consortium(root):
         yield root
-    finally:
-        down(root)
-        from coordinator.consortium import processes
-        from coordinator.consortium.layout import Layout
-
-        leftovers = processes.stray_processes(Layout.at(root).root, by_cmdline=True)
-        assert not leftovers, f"processes left behind: {leftovers}"
 
 
 @pytest.mark.slow

@@ -8,12 +8,12 @@ store, refused fresh launch over checkpoints, nothing left to resume) fail befor
 from __future__ import annotations
 
 import re
-import shutil
 import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import running_consortium, synthetic_site_databases
 from typer.testing import CliRunner
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,27 +63,16 @@ def test_tracking_uri_checks() -> None:
 
 @pytest.fixture(scope="module")
 def consortium(tmp_path_factory: pytest.TempPathFactory):
-    from coordinator.consortium import down, init_consortium, up
-    from fedtwin.synth import SynthRequest, synthesize
+    from coordinator.consortium import init_consortium
 
     work = tmp_path_factory.mktemp("launch")
     root = work / "local"
     init_consortium(root, sites=N_SITES, spec=SPEC, rounds=1, study_id="launch-study",
                     secagg={"num_shares": 1.0, "reconstruction_threshold": 1.0, "timeout": 120.0},
                     runtime={"preload": ["torch", "site_agent.client_app"]})
-    synthesize(SynthRequest(sites=N_SITES, patients=150, seed=11, out=work / "synth", sizes=[150] * N_SITES, workers=1))
-    for k in range(1, N_SITES + 1):
-        shutil.copyfile(work / "synth" / f"site_{k}.db", root / "data" / f"site_{k}.omop.sqlite")
-    try:
-        up(root, timeout=180)
+    synthetic_site_databases(root, work, N_SITES)
+    with running_consortium(root):
         yield root
-    finally:
-        down(root)
-        from coordinator.consortium import processes
-        from coordinator.consortium.layout import Layout
-
-        leftovers = processes.stray_processes(Layout.at(root).root, by_cmdline=True)
-        assert not leftovers, f"processes left behind: {leftovers}"
 
 
 @pytest.mark.slow
