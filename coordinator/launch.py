@@ -1,6 +1,6 @@
 """``fedtwin coordinator launch``: run a study (study.toml) on an already running consortium.
 
-:func:`build_run_config` turns a :class:`~coordinator.consortium.config.StudyConfig` into the run
+:func:`build_run_config` turns a :class:`~fedtwin.federation.config.StudyConfig` into the run
 config of ``apps/fedtwin`` (see :mod:`coordinator.server_app`); :func:`launch` checks everything
 it can before anything runs (study file, consortium, spec, MLflow store, checkpoints), runs the app
 with :func:`coordinator.consortium.run_app` and reads the per-round lines the ServerApp prints.
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from coordinator.consortium.errors import ConsortiumError
+from fedtwin.federation.errors import ConsortiumError
 
 REPO = Path(__file__).resolve().parents[1]
 APP_DIR = REPO / "apps" / "fedtwin"
@@ -101,7 +101,7 @@ def _server_error(output: str) -> str:
 def prepare(config: str | Path, consortium: str | Path | None = None, *, resume: bool = False, rounds: int | None = None,
             epsilon_per_round: float = 1.0, output_path: str | Path | None = None) -> tuple[Path, dict[str, Any]]:
     """All checks that need no running app; returns (consortium folder, run config). Raises ConsortiumError."""
-    from coordinator.consortium.config import load_manifest, load_study_config
+    from fedtwin.federation.config import load_manifest, load_study_config
     from coordinator.tracking import TrackingError, check_tracking_uri
 
     cfg_path = Path(config).expanduser()

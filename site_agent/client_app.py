@@ -10,6 +10,8 @@ message. Kept cheap to import: the heavy work is imported inside :mod:`site_agen
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from flwr.client import NumPyClient
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
@@ -36,11 +38,22 @@ class SiteClient(NumPyClient):
         raise RuntimeError("FedTwin sites do not evaluate in the federation (evaluate messages are not protected)")
 
 
+def site_config_path(node_config, run_config) -> str:
+    """The site's config file: the SuperNode's ``site-config``, or in Flower's simulation engine
+    ``<run config site-config-dir>/site_<partition-id + 1>.toml``."""
+    if "site-config" in node_config:
+        return str(node_config["site-config"])
+    if "partition-id" in node_config and str(run_config.get("site-config-dir", "")).strip():
+        return str(Path(str(run_config["site-config-dir"])) / f"site_{int(node_config['partition-id']) + 1}.toml")
+    raise RuntimeError(
+        "the SuperNode has no node config 'site-config': start it with --node-config site-config=PATH "
+        "(in simulation, set the run config site-config-dir)"
+    )
+
+
 def client_fn(context):
-    node = context.node_config
-    if "site-config" not in node:
-        raise RuntimeError("the SuperNode has no node config 'site-config': start it with --node-config site-config=PATH")
-    return SiteClient(str(node["site-config"]), context.run_config, f"flwr-run-{context.run_id}").to_client()
+    path = site_config_path(context.node_config, context.run_config)
+    return SiteClient(path, context.run_config, f"flwr-run-{context.run_id}").to_client()
 
 
 def secagg_if_asked(msg, context, call_next):

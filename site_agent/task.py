@@ -87,7 +87,7 @@ def check_update(parameters: list, clipping_range: float) -> None:
 
 
 def site_spec_hash(site_config_path: str | Path) -> str:
-    from coordinator.consortium.config import load_site_config
+    from fedtwin.federation.config import load_site_config
     from fedtwin.spec import load_spec, spec_hash
 
     site = load_site_config(site_config_path)
@@ -98,7 +98,7 @@ def run_round(site_config_path: str | Path, parameters: list, settings: RoundSet
     """Train the global twin on this site's train split with DP-SGD inside the site's ledger."""
     import numpy as np
 
-    from coordinator.consortium.config import load_site_config
+    from fedtwin.federation.config import load_site_config
     from fedtwin.omop.database import open_database
     from fedtwin.privacy.ledger import dataset_id_for_database
     from fedtwin.spec import load_spec, spec_hash

@@ -26,9 +26,9 @@ from conftest import running_consortium
 
 from coordinator.consortium import commands, compose, processes
 from coordinator.consortium.commands import ProcessSpec
-from coordinator.consortium.config import load_site_config, load_study_config
+from fedtwin.federation.config import load_site_config, load_study_config
 from coordinator.consortium.consortium import Consortium, down, init_consortium, run_app, status, up
-from coordinator.consortium.errors import ConsortiumError
+from fedtwin.federation.errors import ConsortiumError
 from coordinator.consortium.layout import Layout, free_ports
 
 REPO = Path(__file__).resolve().parents[1]
@@ -340,13 +340,12 @@ def _start_extra_supernode(consortium: Path, name: str, *, key: Path | None = No
     c = Consortium.load(consortium)
     site = c.site_render(c.manifest.sites[0])
     extra = replace(site, name=name, runtime_port=str(free_ports(1)[0]), supernode_key=str(key or site.supernode_key))
-    argv = commands.supernode_argv(c.render(), extra, ca_cert=str(ca) if ca else None)
+    # bounded reconnects: a refused SuperNode then gives up on its own within seconds
+    argv = commands.supernode_argv(c.render(), extra, ca_cert=str(ca) if ca else None, max_retries=2)
     return processes.start(c.layout, ProcessSpec(f"{name}-supernode", argv, c.site_env("site_1")))
 
 
 def _wait_exit(rec: processes.ProcessRecord, timeout: float = 150) -> int | None:
-    # Flower decides itself when a refused SuperNode gives up; on a loaded 2-core CI machine that
-    # took over 60 s once. The assertion (it exits non-zero) is unchanged, only the wait is longer.
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and rec.alive():
         time.sleep(0.2)

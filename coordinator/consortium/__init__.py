@@ -33,11 +33,11 @@ def __getattr__(name: str) -> Any:  # lazy: `fedtwin --help` should not import F
 
         return getattr(consortium, name)
     if name in ("load_site_config", "load_study_config"):
-        from coordinator.consortium import config
+        from fedtwin.federation import config
 
         return getattr(config, name)
     if name == "ConsortiumError":
-        from coordinator.consortium.errors import ConsortiumError
+        from fedtwin.federation.errors import ConsortiumError
 
         return ConsortiumError
     raise AttributeError(name)

@@ -160,7 +160,7 @@ def run_cmd(
     import tomllib
 
     from coordinator.consortium.consortium import run_app
-    from coordinator.consortium.errors import ConsortiumError
+    from fedtwin.federation.errors import ConsortiumError
 
     cfg: dict = {}
     for item in run_config:

@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from coordinator.consortium.config import SITE_CONFIG_NODE_KEY
+from fedtwin.federation.config import SITE_CONFIG_NODE_KEY
 
 CLIENT_APP = "flwr-clientapp"
 SERVER_APP = "flwr-serverapp"
@@ -150,7 +150,11 @@ def node_config(site: SiteRender) -> str:
     return f'{SITE_CONFIG_NODE_KEY}="{site.site_config}" site-name="{site.name}"'
 
 
-def supernode_argv(r: Render, site: SiteRender, *, superlink_address: str | None = None, ca_cert: str | None = None) -> list[str]:
+def supernode_argv(
+    r: Render, site: SiteRender, *, superlink_address: str | None = None, ca_cert: str | None = None,
+    max_retries: int | None = None,
+) -> list[str]:
+    """The SuperNode's command line; ``max_retries`` bounds its reconnect attempts (Flower: unlimited)."""
     flower = [
         "--superlink", superlink_address or r.superlink_address,
         "--root-certificates", ca_cert or r.ca_cert,
@@ -159,6 +163,8 @@ def supernode_argv(r: Render, site: SiteRender, *, superlink_address: str | None
         "--host", site.runtime_host,
         "--port", site.runtime_port,
     ]
+    if max_retries is not None:
+        flower += ["--max-retries", str(int(max_retries))]
     if r.executor == "fork":
         flower += ["--isolation", "process", "--superexec-auth-secret-file", site.secret]
     else:

@@ -49,7 +49,7 @@ HEADER = (
 
 def container_render() -> Render:
     """Container paths and ports; polling as in a local consortium (ManifestRuntime's defaults)."""
-    from coordinator.consortium.config import ManifestRuntime
+    from fedtwin.federation.config import ManifestRuntime
 
     rt = ManifestRuntime()
     return Render(

@@ -25,7 +25,7 @@ from typing import Any
 
 from coordinator.consortium import commands, processes
 from coordinator.consortium.commands import ProcessSpec, Render, SiteRender
-from coordinator.consortium.config import (
+from fedtwin.federation.config import (
     ConsortiumManifest,
     ManifestSite,
     SiteConfig,
@@ -36,7 +36,7 @@ from coordinator.consortium.config import (
     validate_toml_data,
     write_toml,
 )
-from coordinator.consortium.errors import ConsortiumError
+from fedtwin.federation.errors import ConsortiumError
 from coordinator.consortium.layout import COORDINATOR, Layout, free_ports, port_is_free
 from coordinator.consortium.node_keys import generate_signing_key, generate_superexec_secret, generate_supernode_key
 from coordinator.consortium.pki import create_ca, issue_server_certificate, write_certificate, write_private_key

@@ -29,7 +29,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError, field_validator, model_validator
 
-from coordinator.consortium.errors import ConsortiumError
+from fedtwin.federation.errors import ConsortiumError
 from fedtwin.validation_errors import error_rows
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
