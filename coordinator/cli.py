@@ -24,7 +24,9 @@ def launch_cmd(
     consortium: Path | None = typer.Option(None, "--consortium", help="consortium folder (default: the study file's folder)"),
     resume: bool = typer.Option(False, "--resume", help="continue from the study's last checkpoint (same MLflow run)"),
     rounds: int | None = typer.Option(None, "--rounds", min=1, help="total rounds (default: [study] rounds)"),
-    epsilon_per_round: float = typer.Option(1.0, "--epsilon-per-round", help="DP epsilon each site spends per round"),
+    epsilon: float | None = typer.Option(
+        None, "--epsilon", help="DP epsilon each site may spend on the whole training (default: study.toml [training] epsilon_per_site)"
+    ),
     output: Path | None = typer.Option(None, "--output", help="npz of the final global parameters (default: CHECKPOINTS/STUDY/final.npz)"),
     timeout: float = typer.Option(3600.0, "--timeout", help="seconds before the run is stopped"),
 ) -> None:
@@ -33,7 +35,7 @@ def launch_cmd(
     from fedtwin.errors import FedTwinError
 
     try:
-        res = launch(config, consortium, resume=resume, rounds=rounds, epsilon_per_round=epsilon_per_round, output_path=output,
+        res = launch(config, consortium, resume=resume, rounds=rounds, epsilon=epsilon, output_path=output,
                      timeout=timeout, echo=lambda line: console.print(escape(line), highlight=False))
     except FedTwinError as exc:  # caught here too so that `app` alone (no fedtwin main) reports it the same way
         err_console.print(f"[bold red]Error:[/] {escape(exc.problem)}", highlight=False)

@@ -23,6 +23,9 @@ APP_DIR = REPO / "apps" / "fedtwin"
 ROUND_RE = re.compile(r"FEDTWIN round=(\d+) status=(\w+) sites=(\d+)")
 CKPT_LINE_RE = re.compile(r"FEDTWIN checkpoint round=(\d+) path=(\S+)")
 MLFLOW_RE = re.compile(r"FEDTWIN tracking uri=(\S+) experiment=(\S+) mlflow_run=(\w+)")
+SITE_ERROR_RE = re.compile(r"FEDTWIN site_error round=(\d+) node=(\d+) site=(\S+) reason=(.*)$", re.M)
+EVALUATION_RE = re.compile(r"FEDTWIN evaluation round=(\d+) status=(\w+) sites=(\d+)")
+EVAL_METRICS_RE = re.compile(r"FEDTWIN evaluation model_round=(\d+) (.*)$", re.M)
 
 
 @dataclass
@@ -42,6 +45,9 @@ class LaunchResult:
     mlflow_run_id: str | None = None
     output: str = ""
     run_config: dict[str, Any] = field(default_factory=dict)
+    site_errors: list[str] = field(default_factory=list)  # "round R, site S: reason"
+    evaluation: RoundOutcome | None = None  # the final evaluation-only round (SecAgg+)
+    metrics: dict[int, dict[str, float]] = field(default_factory=dict)  # model round -> headline metrics
 
 
 def study_checkpoint_dir(study) -> Path:
@@ -57,7 +63,7 @@ def build_run_config(
     *,
     spec_hash: str,
     rounds: int | None = None,
-    epsilon_per_round: float = 1.0,
+    epsilon: float | None = None,
     resume: bool = False,
     output_path: str | Path | None = None,
     mlflow_uri: str | None = None,
@@ -73,7 +79,12 @@ def build_run_config(
         "min-sites": int(study.study.min_sites),
         "strategy": study.strategy.name,
         "secagg": bool(s.enabled),
-        "epsilon-per-round": float(epsilon_per_round),
+        "proximal-mu": float(study.strategy.proximal_mu),
+        "epsilon-per-site": float(epsilon if epsilon is not None else study.training.epsilon_per_site),
+        "local-epochs": float(study.training.local_epochs),
+        "batch-size": int(study.training.batch_size),
+        "max-grad-norm": float(study.training.max_grad_norm),
+        "learning-rate": float(study.training.learning_rate),
         "checkpoint-dir": str(ckpt),
         "output-path": str(output_path if output_path is not None else ckpt / "final.npz"),
         "mlflow-tracking-uri": mlflow_uri if mlflow_uri is not None else tracking_uri(study),
@@ -92,6 +103,14 @@ def build_run_config(
     return cfg
 
 
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _server_error(output: str) -> str:
     """The most telling error line of the ServerApp's log (a traceback's last ``XxxError: ...``)."""
     hits = re.findall(r"^.*?\b(\w+(?:Error|Exception): .+)$", output, flags=re.M)
@@ -99,7 +118,7 @@ def _server_error(output: str) -> str:
 
 
 def prepare(config: str | Path, consortium: str | Path | None = None, *, resume: bool = False, rounds: int | None = None,
-            epsilon_per_round: float = 1.0, output_path: str | Path | None = None) -> tuple[Path, dict[str, Any]]:
+            epsilon: float | None = None, output_path: str | Path | None = None) -> tuple[Path, dict[str, Any]]:
     """All checks that need no running app; returns (consortium folder, run config). Raises ConsortiumError."""
     from fedtwin.federation.config import load_manifest, load_study_config
     from coordinator.tracking import TrackingError, check_tracking_uri
@@ -113,15 +132,10 @@ def prepare(config: str | Path, consortium: str | Path | None = None, *, resume:
     if not manifest_path.is_file():
         raise ConsortiumError(f"{root} is not a consortium folder (no consortium.toml)", "give --consortium DIR (the folder `fedtwin consortium init` made)")
     study.check_against_sites(len(load_manifest(manifest_path).sites))
-    if study.strategy.name != "fedavg":
-        raise ConsortiumError(
-            f"strategy {study.strategy.name!r}: FedTwin's ServerApp and sites run FedAvg only (no FedProx proximal term yet)",
-            'set [strategy] name = "fedavg" in study.toml',
-        )
     if rounds is not None and rounds < 1:
         raise ConsortiumError(f"--rounds {rounds}: must be at least 1")
-    if not (epsilon_per_round > 0):
-        raise ConsortiumError(f"--epsilon-per-round {epsilon_per_round}: must be positive")
+    if epsilon is not None and not (epsilon > 0):
+        raise ConsortiumError(f"--epsilon {epsilon}: must be positive", "give the epsilon each site may spend on the whole training")
     if not Path(study.study.spec).is_file():
         raise ConsortiumError(f"the study's spec {study.study.spec} does not exist", "fix [study] spec in study.toml")
     from fedtwin.spec import load_spec, spec_hash
@@ -157,18 +171,18 @@ def prepare(config: str | Path, consortium: str | Path | None = None, *, resume:
             f"{ckpt_dir} already holds checkpoints (last: {found[-1].name}) of an earlier launch of study {study.study.id!r}",
             "continue it with --resume, or move the folder away to start over",
         )
-    run_config = build_run_config(study, spec_hash=h, rounds=rounds, epsilon_per_round=epsilon_per_round, resume=resume,
+    run_config = build_run_config(study, spec_hash=h, rounds=rounds, epsilon=epsilon, resume=resume,
                                   output_path=output_path, mlflow_uri=uri)
     return root, run_config
 
 
 def launch(config: str | Path, consortium: str | Path | None = None, *, resume: bool = False, rounds: int | None = None,
-           epsilon_per_round: float = 1.0, output_path: str | Path | None = None, timeout: float = 3600.0,
+           epsilon: float | None = None, output_path: str | Path | None = None, timeout: float = 3600.0,
            app_dir: str | Path = APP_DIR, echo: Callable[[str], None] | None = None) -> LaunchResult:
     """Check, run the study on the consortium, and say how it went (``ok`` False on failure or a halted round)."""
     from coordinator.consortium.consortium import run_app
 
-    root, run_config = prepare(config, consortium, resume=resume, rounds=rounds, epsilon_per_round=epsilon_per_round,
+    root, run_config = prepare(config, consortium, resume=resume, rounds=rounds, epsilon=epsilon,
                                output_path=output_path)
     Path(run_config["checkpoint-dir"]).mkdir(parents=True, exist_ok=True)
     if echo:
@@ -180,9 +194,19 @@ def launch(config: str | Path, consortium: str | Path | None = None, *, resume: 
     ckpts = [p for _, p in CKPT_LINE_RE.findall(out)]
     m = MLFLOW_RE.search(out)
     result = LaunchResult(res.run_id, False, "", outcomes, ckpts, m.group(3) if m else None, out, run_config)
+    result.site_errors = [f"round {r}, site {site if site != '?' else 'node ' + node}: {why.strip()}"
+                          for r, node, site, why in SITE_ERROR_RE.findall(out)]
+    ev = EVALUATION_RE.search(out)
+    result.evaluation = RoundOutcome(int(ev.group(1)), ev.group(2), int(ev.group(3))) if ev else None
+    for r, rest in EVAL_METRICS_RE.findall(out):
+        result.metrics[int(r)] = {k: float(v) for k, v in (kv.split("=", 1) for kv in rest.split()) if _is_float(v)}
     if echo:
         for o in outcomes:
             echo(f"round {o.round}: {o.status} ({o.sites} site{'s' if o.sites != 1 else ''})")
+        for e in result.site_errors:
+            echo(f"site error: {e}")
+        if result.evaluation is not None:
+            echo(f"final evaluation: {result.evaluation.status} ({result.evaluation.sites} sites)")
     halted = [o.round for o in outcomes if o.status != "completed"]
     first = int(re.search(r"first_round=(\d+)", out).group(1)) if re.search(r"first_round=(\d+)", out) else 1
     expected = list(range(first, int(run_config["num-rounds"]) + 1))
@@ -192,11 +216,15 @@ def launch(config: str | Path, consortium: str | Path | None = None, *, resume: 
         why = _server_error(out)
         result.message = f"run {res.run_id} ended {res.status}:{res.sub_status}" + (f": {why}" if why else "")
     elif halted:
-        result.message = f"run {res.run_id}: round(s) {', '.join(map(str, halted))} halted (a site failed or refused, or too few sites reached the SecAgg+ threshold: see the sites' logs); not checkpointed"
+        why = f" Sites said: {'; '.join(result.site_errors)}" if result.site_errors else " (see the sites' logs)"
+        result.message = (f"run {res.run_id}: round(s) {', '.join(map(str, halted))} halted (a site failed or refused, or too few "
+                          f"sites reached the SecAgg+ threshold); not checkpointed.{why}")
     elif [o.round for o in outcomes] != expected:
         result.message = f"run {res.run_id}: expected rounds {expected}, the ServerApp reported {[o.round for o in outcomes]}"
     else:
         result.ok = True
         result.message = (f"run {res.run_id}: rounds {expected[0]}..{expected[-1]} completed in {res.seconds:.1f} s; "
                           f"last checkpoint {ckpts[-1] if ckpts else '-'}; MLflow run {result.mlflow_run_id or '-'}")
+        if result.evaluation is not None and result.evaluation.status != "completed":
+            result.message += "; the final evaluation round halted (the model is saved, its federated evaluation is missing)"
     return result

@@ -1,29 +1,35 @@
-"""FedTwin's Flower ServerApp: weighted FedAvg of the twin, with SecAgg+ when ``secagg`` is on.
+"""FedTwin's Flower ServerApp: weighted FedAvg (or FedProx) of the twin, with SecAgg+ when ``secagg`` is on.
 
 Run config (keys declared in ``apps/fedtwin/pyproject.toml``): ``num-rounds``, ``min-sites``,
 ``secagg``, ``num-shares``, ``reconstruction-threshold``, ``clipping-range``, ``max-weight``,
-``secagg-timeout``, ``spec-path`` (the twin spec; the initial parameters are a fresh
-``TwinModel(spec)``), ``spec-hash`` (optional: if set it must equal the spec's hash; the spec's hash
-is what every site checks against its own), ``local-epochs``, ``epsilon-per-round``,
-``batch-size``, ``max-grad-norm``, ``learning-rate``, ``output-path`` (npz of the final global
-parameters, keys ``p0000``...; empty: not saved), ``strategy`` (only ``fedavg`` runs here),
-``quantization-range``, ``modulus-range`` (SecAgg+), ``study-id``, ``checkpoint-dir``,
-``mlflow-tracking-uri``, ``resume``.
+``secagg-timeout``, ``quantization-range``, ``modulus-range`` (SecAgg+), ``spec-path`` (the twin
+spec; the initial parameters are a fresh ``TwinModel(spec)``), ``spec-hash`` (optional: if set it
+must equal the spec's hash; the spec's hash is what every site checks against its own),
+``strategy`` (``fedavg`` or ``fedprox``) and ``proximal-mu`` (sites apply it), ``epsilon-per-site``
+(what the whole training may spend at each site: sites calibrate their noise once for all
+rounds), ``local-epochs``, ``batch-size``, ``max-grad-norm``, ``learning-rate``, ``evaluate``
+(SecAgg+ only: sites add evaluation statistics and a last evaluation round scores the final model),
+``output-path`` (npz of the final global parameters, keys ``p0000``...; empty: not saved),
+``study-id``, ``checkpoint-dir``, ``mlflow-tracking-uri``, ``resume``.
 
-Checkpoints (``checkpoint-dir`` non-empty): after every *completed* round the global parameters,
-the round number and the spec hash go to ``round-NNNN.npz`` in that folder (temp file + rename;
-keys ``p0000``..., ``__round__``, ``__spec_hash__``); a halted round writes none. A fresh run
-refuses a folder that already holds checkpoints; with ``resume = true`` the run starts from the
-last checkpoint (refused if its spec hash is not this spec's) at its round + 1 and runs only
-the rounds left up to ``num-rounds``.
+Checkpoints (``checkpoint-dir`` non-empty): after every *completed* training round the global
+parameters, the round number and the spec hash go to ``round-NNNN.npz`` in that folder (temp file
++ rename; keys ``p0000``..., ``__round__``, ``__spec_hash__``); a halted round writes none. A
+fresh run refuses a folder that already holds checkpoints; with ``resume = true`` the run starts
+from the last checkpoint (refused if its spec hash is not this spec's) at its round + 1 and runs
+only the rounds left up to ``num-rounds``. The folder also keeps the training id (sites tag their
+ledger entries with it) and ``final-evaluation.json`` (the evaluation round's report).
 
 Tracking (``mlflow-tracking-uri`` non-empty): :class:`coordinator.tracking.RoundTracker` opens the
 study's MLflow run before the first round (an unusable store fails the run then) and logs every
 round; the run id lives in ``checkpoint-dir`` so that a resumed run continues it.
 
-Per round it prints ``FEDTWIN round=R status=completed|halted sites=N`` (a SecAgg+ round below
-the reconstruction threshold is "halted": Flower skips it without an exception), and at the end
-``FEDTWIN final rounds_completed=C rounds=R saved=PATH``.
+Printed lines (``coordinator.launch`` reads them): ``FEDTWIN round=R status=completed|halted
+sites=N`` per training round (a SecAgg+ round below the reconstruction threshold is "halted":
+Flower skips it without an exception), ``FEDTWIN evaluation round=R ...`` for the evaluation
+round, ``FEDTWIN evaluation model_round=R key=value ...`` (headline metrics of the model after
+round R), ``FEDTWIN site_error round=R node=N site=S reason=...`` for every refusal or failure a
+site reports, and at the end ``FEDTWIN final rounds_completed=C rounds=R saved=PATH``.
 """
 
 from __future__ import annotations
@@ -42,33 +48,63 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, Key
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 from flwr.serverapp import ServerApp
 
-FIT_KEYS = ("spec-hash", "epsilon-per-round", "local-epochs", "batch-size", "max-grad-norm", "learning-rate", "clipping-range")
+HEADLINE_PRINTED = 6  # metrics per evaluation line in the ServerApp's output (all go to MLflow)
 
 
 class RoundLog:
-    """What happened in each round, shared by the strategy and the fit workflow."""
+    """What happened in each round, shared by the strategy and the fit workflow.
 
-    def __init__(self, on_round=None) -> None:
+    ``evaluation_round`` is the extra last round in which sites only score the final model
+    (``None``: no such round). Round ``r``'s ``reports`` score the model *received* in round r,
+    i.e. the result of round r - 1 (the evaluation round scores the final model).
+    """
+
+    def __init__(self, on_round=None, evaluation_round: int | None = None) -> None:
         self.round = 0
+        self.evaluation_round = evaluation_round
         self.results: dict[int, int] = {}
         self.status: dict[int, str] = {}
         self.started: dict[int, float] = {}
         self.epsilon: dict[int, dict[str, float]] = {}
+        self.reports: dict[int, dict] = {}
+        self.site_names: dict[int, str] = {}  # node id -> site name, as sites report it
         self.on_round = on_round  # (round, completed, sites) -> None, after the line is printed
 
     def report(self, server_round: int, completed: bool, sites: int) -> None:
         self.status[server_round] = "completed" if completed else "halted"
-        print(f"FEDTWIN round={server_round} status={self.status[server_round]} sites={sites}", flush=True)
+        what = "evaluation round" if server_round == self.evaluation_round else "round"
+        print(f"FEDTWIN {what}={server_round} status={self.status[server_round]} sites={sites}", flush=True)
+        report = self.reports.get(server_round)
+        if completed and report is not None:
+            from fedtwin.federation.round_evaluation import headline_metrics
+
+            head = {k: v for k, v in headline_metrics(report).items() if not k.endswith((".ci_low", ".ci_high"))}
+            shown = " ".join(f"{k}={v:.4g}" for k, v in list(head.items())[:HEADLINE_PRINTED])
+            print(f"FEDTWIN evaluation model_round={server_round - 1} {shown}", flush=True)
         if self.on_round is not None:
             self.on_round(server_round, completed, sites)
 
+    def site_error(self, server_round: int, node_id: int, reason: str) -> None:
+        name = self.site_names.get(node_id, "?")
+        text = " ".join(str(reason).split())[:400]
+        print(f"FEDTWIN site_error round={server_round} node={node_id} site={name} reason={text}", flush=True)
+
 
 class FedTwinFedAvg(FedAvg):
-    """Weighted FedAvg that remembers the latest aggregate and how many sites each round had."""
+    """Weighted FedAvg (FedProx's server side too) that keeps the latest model apart from the statistics.
 
-    def __init__(self, log: RoundLog, **kw) -> None:
+    With SecAgg+ each site's vector is its parameters followed by one array of encoded evaluation
+    statistics; the aggregate's tail is decoded into the sum over sites
+    (:mod:`fedtwin.federation.secure_sums`) and never becomes part of the model. The evaluation
+    round's aggregate is not a new model (the sites sent back what they received): it is ignored.
+    """
+
+    def __init__(self, log: RoundLog, n_params: int, spec, encoding=None, **kw) -> None:
         super().__init__(**kw)
         self.log = log
+        self.n_params = n_params
+        self.spec = spec
+        self.encoding = encoding  # SecureSumEncoding when SecAgg+ carries statistics
         self.latest = kw.get("initial_parameters")
 
     def configure_fit(self, server_round, parameters, client_manager):
@@ -81,13 +117,57 @@ class FedTwinFedAvg(FedAvg):
         self.log.results[server_round] = len(results) if params is not None else 0
         eps: dict[str, float] = {}
         for proxy, res in results:
-            v = (res.metrics or {}).get("epsilon_spent")
-            if isinstance(v, (int, float)):
-                eps[str(getattr(proxy, "node_id", proxy.cid))] = float(v)
+            m = res.metrics or {}
+            node = int(getattr(proxy, "node_id", 0) or 0)
+            site = str(m.get("site") or node)
+            self.log.site_names[node] = site
+            if isinstance(m.get("epsilon_spent"), (int, float)):
+                eps[site] = float(m["epsilon_spent"])
         self.log.epsilon[server_round] = eps
-        if params is not None:
-            self.latest = params
-        return params, metrics
+        if params is None:
+            return params, metrics
+        arrays = parameters_to_ndarrays(params)
+        model, extra = arrays[: self.n_params], arrays[self.n_params:]
+        if extra and self.encoding is not None:
+            from fedtwin.federation.round_evaluation import decode_report
+
+            kind = "final" if server_round == self.log.evaluation_round else "round"
+            counts = [int(res.num_examples) for _, res in results]
+            self.log.reports[server_round] = decode_report(extra[0], counts, self.encoding, self.spec, kind)
+        elif extra:
+            raise RuntimeError(f"round {server_round}: sites sent {len(extra)} arrays beyond the model without SecAgg+")
+        model_params = ndarrays_to_parameters(model)
+        if server_round != self.log.evaluation_round:
+            self.latest = model_params
+        return model_params, metrics
+
+
+class ErrorReportingGrid:
+    """The grid, with every error reply (a site refused or failed) printed as a ``site_error`` line.
+
+    Flower's SecAgg+ stages drop such replies silently; the ClientApp's exception text (a
+    :class:`site_agent.task.SiteRefusal` message, written for the coordinator) is in the reply.
+    """
+
+    def __init__(self, grid, log: RoundLog) -> None:
+        self._grid = grid
+        self._log = log
+
+    def __getattr__(self, name):
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages, *args, **kwargs):
+        replies = list(self._grid.send_and_receive(messages, *args, **kwargs))
+        for msg in replies:
+            if msg.has_error():
+                self._log.site_error(self._log.round, int(msg.metadata.src_node_id), _refusal_text(msg.error.reason))
+        return replies
+
+
+def _refusal_text(reason: str) -> str:
+    """``"<class 'X'>:<'message'>"`` (Flower's format) -> ``"X: message"``."""
+    m = re.match(r"^<class '([\w.]+)'>:<'(.*)'>$", str(reason), flags=re.S)
+    return f"{m.group(1).rsplit('.', 1)[-1]}: {m.group(2)}" if m else str(reason)
 
 
 class ReportingSecAggPlusWorkflow(SecAggPlusWorkflow):
@@ -100,6 +180,7 @@ class ReportingSecAggPlusWorkflow(SecAggPlusWorkflow):
     def __call__(self, grid, context) -> None:
         if not isinstance(context, LegacyContext):
             raise TypeError(f"Expect a LegacyContext, but get {type(context).__name__}.")
+        grid = ErrorReportingGrid(grid, self.log)
         state = WorkflowState()
         completed = True
         for step in (self.setup_stage, self.share_keys_stage, self.collect_masked_vectors_stage, self.unmask_stage):
@@ -121,7 +202,7 @@ class ReportingPlainFitWorkflow:
         self._fit = default_fit_workflow
 
     def __call__(self, grid, context) -> None:
-        self._fit(grid, context)
+        self._fit(ErrorReportingGrid(grid, self.log), context)
         r = self.log.round
         n = self.log.results.get(r, 0)
         self.log.report(r, n > 0, n)
@@ -190,15 +271,42 @@ def read_checkpoint(path: str | Path) -> tuple[int, str, list]:
     return rnd, h, params
 
 
-def fit_config_fn(cfg: dict, spec_hash: str):
+def fit_config_fn(spec_hash: str, training_id: str, evaluation_round: int | None):
+    """Per-round fit config; everything else a site needs is in the run config it also sees."""
+
     def fn(server_round: int) -> dict:
-        out = {"server-round": int(server_round), "spec-hash": spec_hash}
-        for k in FIT_KEYS[1:]:
-            if k in cfg:
-                out[k] = cfg[k]
-        return out
+        kind = "evaluate" if server_round == evaluation_round else "train"
+        return {"server-round": int(server_round), "spec-hash": spec_hash, "training-id": training_id, "round-kind": kind}
 
     return fn
+
+
+TRAINING_ID_FILE = "training_id"
+
+
+def training_id_for(ckpt_dir: str, resume: bool, fallback: str) -> str:
+    """The id sites tag their ledger entries with: one per training, kept across ``--resume``.
+
+    Sites calibrate their noise once per training id, so a resumed training must keep it.
+    """
+    if not ckpt_dir:
+        return fallback
+    path = Path(ckpt_dir) / TRAINING_ID_FILE
+    if resume and path.is_file():
+        return path.read_text().strip()
+    import uuid
+
+    tid = f"training-{uuid.uuid4().hex[:16]}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(tid + "\n")
+    return tid
+
+
+def _track(call, server_round: int) -> None:
+    try:
+        call()
+    except Exception as exc:  # noqa: BLE001 - tracking must not lose a trained round
+        print(f"FEDTWIN warning: MLflow logging of round {server_round} failed: {type(exc).__name__}: {exc}", flush=True)
 
 
 app = ServerApp()
@@ -223,8 +331,11 @@ def main(grid, context) -> None:
     init = get_parameters(TwinModel(spec))
     rounds = int(cfg["num-rounds"])
     strategy_name = str(cfg.get("strategy", "fedavg")).strip() or "fedavg"
-    if strategy_name != "fedavg":
-        raise ValueError(f"run config strategy={strategy_name!r}: this ServerApp runs FedAvg only (the sites have no FedProx term)")
+    mu = float(cfg.get("proximal-mu", 0.0))
+    if strategy_name not in ("fedavg", "fedprox"):
+        raise ValueError(f"run config strategy={strategy_name!r}: use fedavg or fedprox")
+    if (strategy_name == "fedprox") != (mu > 0):
+        raise ValueError(f"run config strategy={strategy_name} with proximal-mu={mu:g}: FedProx needs mu > 0, FedAvg mu = 0")
     ckpt_dir = str(cfg.get("checkpoint-dir", "")).strip()
     resume = bool(cfg.get("resume", False))
     start = 1
@@ -252,8 +363,11 @@ def main(grid, context) -> None:
 
         study = str(cfg.get("study-id", "")).strip() or "fedtwin"
         params_logged = {
-            "spec_hash": h, "strategy": strategy_name, "rounds": rounds, "min_sites": int(cfg["min-sites"]),
-            "secagg": bool(cfg["secagg"]), "epsilon_per_round": cfg.get("epsilon-per-round", ""),
+            "spec_hash": h, "spec_name": spec.name, "strategy": strategy_name, "proximal_mu": mu, "rounds": rounds,
+            "min_sites": int(cfg["min-sites"]), "secagg": bool(cfg["secagg"]),
+            "dp.epsilon_per_site": cfg.get("epsilon-per-site", ""), "dp.max_grad_norm": cfg.get("max-grad-norm", ""),
+            "dp.batch_size": cfg.get("batch-size", ""), "local_epochs": cfg.get("local-epochs", ""),
+            "learning_rate": cfg.get("learning-rate", ""),
         }
         if bool(cfg["secagg"]):
             for k in ("num-shares", "reconstruction-threshold", "clipping-range", "max-weight", "secagg-timeout",
@@ -265,33 +379,53 @@ def main(grid, context) -> None:
         print(f"FEDTWIN tracking uri={uri} experiment={study} mlflow_run={tracker.run_id}", flush=True)
 
     n = int(cfg["min-sites"])
+    secagg = bool(cfg["secagg"])
+    # SecAgg+ runs carry evaluation statistics and end with an evaluation-only round
+    evaluation_round = rounds + 1 if secagg and bool(cfg.get("evaluate", True)) and remaining > 0 else None
+    training_id = training_id_for(ckpt_dir, resume, f"flwr-run-{context.run_id}")
     holder: dict = {}
 
     def on_round(r: int, completed: bool, sites: int) -> None:
+        report = log.reports.get(r) if completed else None
+        if r == evaluation_round:
+            if tracker is not None and report is not None:
+                _track(lambda: tracker.log_evaluation(rounds, report, "final"), r)
+            return
         if completed and ckpt_dir:
             path = write_checkpoint(ckpt_dir, r, h, parameters_to_ndarrays(holder["strategy"].latest))
             print(f"FEDTWIN checkpoint round={r} path={path}", flush=True)
         if tracker is not None:
             secs = time.monotonic() - log.started.get(r, time.monotonic())
-            try:
-                tracker.log_round(r, sites if completed else 0, secs, not completed, log.epsilon.get(r, {}) if completed else {})
-            except Exception as exc:  # noqa: BLE001 - tracking must not lose a trained round
-                print(f"FEDTWIN warning: MLflow logging of round {r} failed: {type(exc).__name__}: {exc}", flush=True)
+            _track(lambda: tracker.log_round(r, sites if completed else 0, secs, not completed, log.epsilon.get(r, {}) if completed else {}), r)
+            if report is not None:  # scores the model received in round r: the result of round r - 1
+                _track(lambda: tracker.log_evaluation(r - 1, report, f"round-{r - 1:04d}"), r)
 
-    log = RoundLog(on_round)
+    log = RoundLog(on_round, evaluation_round)
+    encoding = None
+    if secagg:
+        from fedtwin.federation.secure_sums import SecureSumEncoding
+
+        encoding = SecureSumEncoding(
+            clipping_range=float(cfg["clipping-range"]), quantization_range=int(cfg.get("quantization-range", 2**22)),
+            max_weight=float(cfg["max-weight"]),
+        )
     strategy = FedTwinFedAvg(
         log,
+        len(init),
+        spec,
+        encoding,
         fraction_fit=1.0,
         fraction_evaluate=0.0,
         min_fit_clients=n,
         min_evaluate_clients=n,
         min_available_clients=n,
         initial_parameters=ndarrays_to_parameters(init),
-        on_fit_config_fn=fit_config_fn(dict(cfg), h),
+        on_fit_config_fn=fit_config_fn(h, training_id, evaluation_round),
         accept_failures=False,
     )
     holder["strategy"] = strategy
-    legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=max(remaining, 0)), strategy=strategy)
+    total_rounds = max(remaining, 0) + (1 if evaluation_round else 0)
+    legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=total_rounds), strategy=strategy)
     if bool(cfg["secagg"]):
         extra = {k.replace("-", "_"): int(cfg[k]) for k in ("quantization-range", "modulus-range") if k in cfg}
         fit_workflow = ReportingSecAggPlusWorkflow(
@@ -307,14 +441,15 @@ def main(grid, context) -> None:
         fit_workflow = ReportingPlainFitWorkflow(log)
     print(
         f"FEDTWIN start spec={spec.name} spec_hash={h[:12]} rounds={rounds} first_round={start} "
-        f"secagg={bool(cfg['secagg'])} min_sites={n}",
+        f"secagg={secagg} min_sites={n} strategy={strategy_name} training_id={training_id} "
+        f"evaluation_round={evaluation_round or '-'}",
         flush=True,
     )
     failed = True
     try:
         if remaining > 0:
             DefaultWorkflow(fit_workflow=OffsetRounds(fit_workflow, start - 1))(grid, legacy)
-        failed = any(s != "completed" for s in log.status.values())
+        failed = any(st != "completed" for r, st in log.status.items() if r != evaluation_round)
     finally:
         if tracker is not None:
             try:
@@ -323,8 +458,12 @@ def main(grid, context) -> None:
                 print(f"FEDTWIN warning: closing the MLflow run failed: {exc}", flush=True)
 
     final = parameters_to_ndarrays(strategy.latest)
+    if evaluation_round is not None and evaluation_round in log.reports and ckpt_dir:
+        import json
+
+        (Path(ckpt_dir) / "final-evaluation.json").write_text(json.dumps(log.reports[evaluation_round], indent=1))
     out = str(cfg.get("output-path", "")).strip()
     if out:
         np.savez(out, **{f"p{i:04d}": np.asarray(a) for i, a in enumerate(final)})
-    done = sum(1 for s in log.status.values() if s == "completed")
+    done = sum(1 for r, st in log.status.items() if st == "completed" and r != evaluation_round)
     print(f"FEDTWIN final rounds_completed={done} rounds={rounds} first_round={start} saved={out or '-'}", flush=True)

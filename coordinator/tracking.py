@@ -4,7 +4,12 @@ Used by :mod:`coordinator.server_app` (and :func:`check_tracking_uri` by ``fedtw
 launch``, before anything runs). The MLflow run id is stored beside the study's checkpoints
 (``RUN_ID_FILE``) so that a resumed launch keeps logging into the same run. Per round (step =
 round number): ``sites`` (sites in the aggregate), ``round_seconds``, ``halted`` (0/1) and
-``epsilon_spent.<node id>`` (each site's composed epsilon as it reports it).
+``epsilon_spent.<site>`` (each site's composed epsilon as it reports it). Evaluations (step = the
+round that produced the scored model; 0 = the initial model): ``eval.<metric key>`` with
+``.ci_low``/``.ci_high`` (headline metrics, see
+:func:`fedtwin.federation.round_evaluation.headline_metrics`) and the whole suppressed report as
+the artifact ``evaluation/<name>.json``. With an SQLite store, artifacts go to ``mlartifacts/``
+beside the database file (not to the ServerApp's working directory).
 
 Only :class:`mlflow.MlflowClient` is used (no global active run), so nothing leaks between runs.
 Heavy imports (mlflow) happen inside the functions.
@@ -68,7 +73,12 @@ class RoundTracker:
         try:
             self.client = MlflowClient(tracking_uri=uri)
             exp = self.client.get_experiment_by_name(study_id)
-            exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(study_id)
+            if exp is not None:
+                exp_id = exp.experiment_id
+            else:
+                db = _sqlite_path(uri)
+                where = (db.resolve().parent / "mlartifacts").as_uri() if db is not None else None
+                exp_id = self.client.create_experiment(study_id, artifact_location=where)
             id_file = Path(run_dir) / RUN_ID_FILE if run_dir is not None else None
             self.run_id = None
             if resume and id_file is not None and id_file.is_file():
@@ -113,6 +123,20 @@ class RoundTracker:
         ]
         metrics += [Metric(f"epsilon_spent.{site}", float(eps), ts, int(server_round)) for site, eps in sorted(epsilon.items())]
         self.client.log_batch(self.run_id, metrics=metrics)
+
+    def log_evaluation(self, step: int, report: dict[str, Any], name: str) -> None:
+        """Headline metrics of an evaluation report at ``step``, and the report as a JSON artifact."""
+        import time
+
+        from mlflow.entities import Metric
+
+        from fedtwin.federation.round_evaluation import headline_metrics
+
+        ts = int(time.time() * 1000)
+        metrics = [Metric(f"eval.{k}", float(v), ts, int(step)) for k, v in sorted(headline_metrics(report).items())]
+        for i in range(0, len(metrics), 900):  # MLflow takes at most 1000 metrics per batch
+            self.client.log_batch(self.run_id, metrics=metrics[i:i + 900])
+        self.client.log_dict(self.run_id, report, f"evaluation/{name}.json")
 
     def close(self, failed: bool = False) -> None:
         self.client.set_terminated(self.run_id, status="FAILED" if failed else "FINISHED")

@@ -3,18 +3,22 @@
 The SuperNode names the site's config in its node config (``site-config``); each fit reads it,
 refuses a round whose spec hash is not the site's, trains the global twin with DP-SGD inside the
 site's privacy ledger (:mod:`site_agent.task`) and returns the new parameters, a coarsened patient
-count and only ``{"epsilon_spent": composed epsilon}`` as metrics. ``secaggplus_mod`` is applied
+count and only ``{"epsilon_spent": composed epsilon, "site": its name}`` as plaintext metrics; its
+evaluation statistics travel inside the masked vector (SecAgg+ only). ``secaggplus_mod`` is applied
 only when the ServerApp runs SecAgg+ (run config ``secagg``): the mod fails on a plain train
 message. Kept cheap to import: the heavy work is imported inside :mod:`site_agent.task`.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from flwr.client import NumPyClient
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
+
+log = logging.getLogger("fedtwin.site")
 
 
 class SiteClient(NumPyClient):
@@ -27,12 +31,25 @@ class SiteClient(NumPyClient):
         raise RuntimeError("FedTwin sites do not provide initial parameters: the coordinator does")
 
     def fit(self, parameters, config):
-        from site_agent.task import RoundSettings, run_round
+        from fedtwin.errors import FedTwinError
+        from site_agent.task import RoundSettings, SiteRefusal, run_round
 
         server_round = int(config.get("server_round", config.get("server-round", 0)))
-        settings = RoundSettings.from_config(dict(config), self.run_config, server_round, self.run_id)
-        result = run_round(self.site_config, parameters, settings)
-        return result.parameters, result.num_examples, {"epsilon_spent": float(result.epsilon_spent)}
+        try:
+            settings = RoundSettings.from_config(dict(config), self.run_config, server_round, self.run_id)
+            result = run_round(self.site_config, parameters, settings)
+        except SiteRefusal:
+            raise  # its message is written for the coordinator
+        except FedTwinError as exc:  # problem + fix, written for people, never holds patient data
+            log.exception("round %s refused at this site", server_round)
+            raise SiteRefusal(f"round {server_round}: {exc}") from None
+        except Exception as exc:
+            # Flower sends an exception's text to the coordinator: an arbitrary error (a database
+            # driver's, say) might quote data, so only its type leaves the site; the traceback
+            # stays in the site's own log.
+            log.exception("round %s failed at this site", server_round)
+            raise SiteRefusal(f"round {server_round} failed at the site: {type(exc).__name__} (details in the site's log)") from None
+        return result.parameters, result.num_examples, {"epsilon_spent": float(result.epsilon_spent), "site": result.site}
 
     def evaluate(self, parameters, config):
         raise RuntimeError("FedTwin sites do not evaluate in the federation (evaluate messages are not protected)")

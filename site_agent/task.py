@@ -4,9 +4,11 @@ Heavy imports (torch, Opacus, SQLAlchemy, the twin) happen inside the functions 
 the ClientApp module stays cheap (``flwr run`` imports it to validate the FAB's components).
 
 Order matters for privacy, as in ``fedtwin train local``: the spec hash is checked first, the
-cohort is extracted and split, the ledger plans and *reserves* the round's spend before the first
-step (``round=server_round``), steps are counted as they happen, and the reservation is settled
-with the steps actually taken.
+cohort is extracted and split, the received global model is scored on the held-out patients
+(statistics encoded for SecAgg+ and appended to the parameters, :mod:`fedtwin.federation`), the
+ledger plans and *reserves* the round's spend before the first step (``round=server_round``,
+``run_id`` = the training id, so that the noise is calibrated once for the whole training), steps
+are counted as they happen, and the reservation is settled with the steps actually taken.
 """
 
 from __future__ import annotations
@@ -23,17 +25,30 @@ class SiteRefusal(RuntimeError):
 
 @dataclass(frozen=True)
 class RoundSettings:
-    """What the coordinator's run config asks of a site for one round."""
+    """What the coordinator's run config asks of a site for one round.
+
+    ``epsilon`` is what the whole training (``rounds`` rounds) may spend at this site; the noise
+    is calibrated once for all of them (:func:`fedtwin.training.privacy_plan.plan_federated_round`).
+    ``kind`` is ``train`` (score the received model, then train it) or ``evaluate`` (the final
+    round: score the received model, no training, no privacy spent).
+    """
 
     server_round: int
+    rounds: int
+    kind: str
+    training_id: str
     spec_hash: str
     epsilon: float
     local_epochs: float
     batch_size: int
     max_grad_norm: float
     lr: float
+    proximal_mu: float
+    secagg: bool
     clipping_range: float
-    run_id: str
+    quantization_range: int
+    max_weight: float
+    count_step: int
 
     @classmethod
     def from_config(cls, config: dict[str, Any], run_config: dict[str, Any], server_round: int, run_id: str) -> "RoundSettings":
@@ -46,24 +61,35 @@ class RoundSettings:
                 raise SiteRefusal(f"the round's config has no {key!r}: the coordinator must send it")
             return default
 
+        kind = str(get("round-kind", "train"))
+        if kind not in ("train", "evaluate"):
+            raise SiteRefusal(f"unknown round-kind {kind!r} (train or evaluate)")
         return cls(
             server_round=int(server_round),
+            rounds=int(get("num-rounds")),
+            kind=kind,
+            training_id=str(get("training-id", "")) or run_id,
             spec_hash=str(get("spec-hash")),
-            epsilon=float(get("epsilon-per-round")),
+            epsilon=float(get("epsilon-per-site")),
             local_epochs=float(get("local-epochs", 1.0)),
             batch_size=int(get("batch-size", 64)),
             max_grad_norm=float(get("max-grad-norm", 1.0)),
             lr=float(get("learning-rate", 3e-3)),
+            proximal_mu=float(get("proximal-mu", 0.0)),
+            secagg=bool(get("secagg", False)),
             clipping_range=float(get("clipping-range", 8.0)),
-            run_id=run_id,
+            quantization_range=int(get("quantization-range", 2**22)),
+            max_weight=float(get("max-weight", 1000.0)),
+            count_step=int(get("count-step", 10)),
         )
 
 
 @dataclass(frozen=True)
 class RoundResult:
-    parameters: list  # list[np.ndarray], float32
+    parameters: list  # list[np.ndarray]: the model's float32 arrays, then (SecAgg+ only) the encoded statistics
     num_examples: int
     epsilon_spent: float
+    site: str
 
 
 def coarsen_count(n: int, step: int = 10) -> int:
@@ -95,36 +121,81 @@ def site_spec_hash(site_config_path: str | Path) -> str:
 
 
 def run_round(site_config_path: str | Path, parameters: list, settings: RoundSettings) -> RoundResult:
-    """Train the global twin on this site's train split with DP-SGD inside the site's ledger."""
+    """Score the received global twin on held-out patients, then train it with DP-SGD in the ledger."""
     import numpy as np
 
+    from fedtwin.extract.extractor import Extractor
     from fedtwin.federation.config import load_site_config
     from fedtwin.omop.database import open_database
     from fedtwin.privacy.ledger import dataset_id_for_database
     from fedtwin.spec import load_spec, spec_hash
-    from fedtwin.training.privacy_plan import DPRequest, open_or_create_ledger, plan_run
     from fedtwin.training.split import train_test_split
-    from fedtwin.extract.extractor import Extractor
-    from fedtwin.twin import FitConfig, TwinModel, fit, get_parameters, set_parameters
+    from fedtwin.twin import TwinModel, get_parameters, set_parameters
 
     site = load_site_config(site_config_path)
+    name = site.site.name
     spec = load_spec(site.data.spec)
     own = spec_hash(spec)
     if settings.spec_hash != own:
         raise SiteRefusal(
-            f"site {site.site.name} refuses round {settings.server_round}: the coordinator's spec hash "
+            f"site {name} refuses round {settings.server_round}: the coordinator's spec hash "
             f"{settings.spec_hash[:12]} is not the site's spec hash {own[:12]} ({site.data.spec.name})"
         )
     if not (settings.epsilon > 0 and math.isfinite(settings.epsilon)):
-        raise SiteRefusal(f"epsilon-per-round must be a positive number, got {settings.epsilon!r}")
+        raise SiteRefusal(f"epsilon-per-site must be a positive number, got {settings.epsilon!r}")
 
     db = open_database(site.data.database, site.data.cdm_schema)
-    train, _test = train_test_split(Extractor(db, spec).extract())
+    train, test = train_test_split(Extractor(db, spec).extract())
     if train.n_patients == 0:
-        raise SiteRefusal(f"site {site.site.name} has no training patients for spec {spec.name}")
+        raise SiteRefusal(f"site {name} has no training patients for spec {spec.name}")
+    num_examples = coarsen_count(train.n_patients, settings.count_step)
 
     model = TwinModel(spec)
+    n_model = len(get_parameters(model))
+    if len(parameters) != n_model:
+        raise SiteRefusal(f"site {name}: received {len(parameters)} parameter arrays, the twin of {spec.name} has {n_model}")
     set_parameters(model, [np.asarray(p) for p in parameters])
+    statistics = None
+    if settings.secagg:  # never in plaintext: only inside the masked vector
+        statistics = _encoded_statistics(model, train, test, spec, settings, num_examples)
+    elif settings.kind == "evaluate":
+        raise SiteRefusal("an evaluation round needs SecAgg+: the site's statistics never travel in plaintext")
+
+    dataset_id = dataset_id_for_database(db.url, db.cdm_schema)
+    if settings.kind == "train":
+        spent = _train_in_ledger(model, train, site, dataset_id, own, settings)
+    else:
+        spent = _spent(site.privacy.ledger, dataset_id)
+
+    new = [np.asarray(p, dtype=np.float32) for p in get_parameters(model)]
+    check_update(new, settings.clipping_range)
+    if statistics is not None:
+        new.append(statistics)
+    return RoundResult(parameters=new, num_examples=num_examples, epsilon_spent=spent, site=name)
+
+
+def _encoded_statistics(model, train, test, spec, settings: RoundSettings, num_examples: int):
+    """The received model's evaluation statistics on the test split, encoded for SecAgg+."""
+    from fedtwin.evaluation import evaluate_site
+    from fedtwin.federation.round_evaluation import federated_layout, federated_subgroups
+    from fedtwin.federation.secure_sums import SecureSumEncoding, SecureSumError, encode_sums
+
+    kind = "final" if settings.kind == "evaluate" else "round"
+    stats = evaluate_site(model, test, train=train, layout=federated_layout(spec, kind), subgroups=federated_subgroups(spec, kind))
+    enc = SecureSumEncoding(
+        clipping_range=settings.clipping_range, quantization_range=settings.quantization_range, max_weight=settings.max_weight
+    )
+    try:
+        return encode_sums(stats.to_vector(), num_examples, enc)
+    except SecureSumError as exc:
+        raise SiteRefusal(f"refusing to send evaluation statistics: {exc}") from None
+
+
+def _train_in_ledger(model, train, site, dataset_id: str, spec_hash_: str, settings: RoundSettings) -> float:
+    from fedtwin.privacy.accounting import BudgetExceededError
+    from fedtwin.training.privacy_plan import DPRequest, open_or_create_ledger, plan_federated_round
+    from fedtwin.training.proximal import ProximalPull
+    from fedtwin.twin import FitConfig, fit
 
     request = DPRequest(
         epsilon=settings.epsilon,
@@ -134,20 +205,34 @@ def run_round(site_config_path: str | Path, parameters: list, settings: RoundSet
         batch_size=settings.batch_size,
         epochs=settings.local_epochs,
     )
-    dataset_id = dataset_id_for_database(db.url, db.cdm_schema)
     ledger = open_or_create_ledger(site.privacy.ledger, dataset_id, request)
     try:
-        plan = plan_run(ledger, dataset_id, train.n_patients, request)
+        try:
+            plan = plan_federated_round(
+                ledger, dataset_id, train.n_patients, request,
+                training_id=settings.training_id, rounds=settings.rounds, server_round=settings.server_round,
+            )
+        except BudgetExceededError as exc:
+            raise SiteRefusal(f"site {site.site.name} refuses round {settings.server_round}: {exc}") from None
+        pull = ProximalPull(model, settings.proximal_mu, settings.lr)
         with plan.reserve(
-            ledger, run_id=settings.run_id, round=settings.server_round,
-            note=f"federated round {settings.server_round}, spec {own[:12]}",
+            ledger, run_id=settings.training_id, round=settings.server_round,
+            note=f"federated round {settings.server_round}/{settings.rounds}, spec {spec_hash_[:12]}",
         ) as session:
-            fit(model, train, FitConfig(lr=settings.lr, batch_size=settings.batch_size), dp=plan.dp_settings(),
-                on_step=lambda: session.add_steps(1))
-        spent = float(ledger.spent_epsilon(dataset_id))
+            def step() -> None:
+                pull()
+                session.add_steps(1)
+
+            fit(model, train, FitConfig(lr=settings.lr, batch_size=settings.batch_size), dp=plan.dp_settings(), on_step=step)
+        return float(ledger.spent_epsilon(dataset_id))
     finally:
         ledger.close()
 
-    new = [np.asarray(p, dtype=np.float32) for p in get_parameters(model)]
-    check_update(new, settings.clipping_range)
-    return RoundResult(parameters=new, num_examples=coarsen_count(train.n_patients), epsilon_spent=spent)
+
+def _spent(ledger_path: Path, dataset_id: str) -> float:
+    from fedtwin.privacy.ledger import PrivacyLedger
+
+    if not Path(ledger_path).exists():
+        return 0.0
+    with PrivacyLedger.open(ledger_path, read_only=True) as ledger:
+        return float(ledger.spent_epsilon(dataset_id)) if dataset_id in ledger.datasets() else 0.0

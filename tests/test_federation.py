@@ -32,9 +32,14 @@ def test_pyproject_declares_every_run_config_key_the_apps_read() -> None:
     cfg = tomllib.loads((APP / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
     assert cfg["components"] == {"serverapp": "coordinator.server_app:app", "clientapp": "site_agent.client_app:app"}
     used = set(re.findall(r'cfg(?:\.get)?[\[(]"([a-z-]+)"', (REPO / "coordinator" / "server_app.py").read_text()))
-    from coordinator.server_app import FIT_KEYS
+    # what a site reads comes from the per-round fit config or, failing that, the run config
+    site_reads = set(re.findall(r'get\("([a-z-]+)"', (REPO / "site_agent" / "task.py").read_text()))
+    from coordinator.server_app import fit_config_fn
 
-    assert used | set(FIT_KEYS) <= set(cfg["config"]), sorted((used | set(FIT_KEYS)) - set(cfg["config"]))
+    per_round = set(fit_config_fn("h", "t", None)(1))
+    assert per_round == {"server-round", "spec-hash", "training-id", "round-kind"}
+    needed = used | (site_reads - per_round)
+    assert needed <= set(cfg["config"]), sorted(needed - set(cfg["config"]))
 
 
 def test_site_helpers_coarsen_counts_and_refuse_unsafe_updates() -> None:
@@ -67,7 +72,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory):
 def test_site_refuses_a_round_with_another_spec_hash(federation: Path) -> None:
     from site_agent.task import RoundSettings, SiteRefusal, run_round
 
-    settings = RoundSettings.from_config({"spec-hash": "0" * 64, "epsilon-per-round": 1.0}, {}, 1, "refusal-test")
+    settings = RoundSettings.from_config({"spec-hash": "0" * 64, "epsilon-per-site": 1.0, "num-rounds": 1}, {}, 1, "refusal-test")
     with pytest.raises(SiteRefusal, match="refuses round 1"):
         run_round(federation / "sites" / "site_1.toml", [], settings)
     assert not (federation / "privacy" / "site_1.ledger.sqlite").exists()  # refused before any spend
@@ -95,7 +100,7 @@ def test_two_secagg_rounds_train_the_twin_inside_each_sites_ledger(federation: P
             "spec-path": str(spec_path),
             "spec-hash": spec_hash(load_spec(spec_path)),
             "output-path": str(out),
-            "epsilon-per-round": 1.0,
+            "epsilon-per-site": 2.0,
             "local-epochs": 1.0,
         },
         timeout=240,
@@ -131,7 +136,7 @@ def test_plain_fedavg_round_without_secagg(federation: Path) -> None:
         federation,
         APP,
         {"num-rounds": 1, "secagg": False, "min-sites": N_SITES, "spec-path": str(federation / "specs" / SPEC.name),
-         "epsilon-per-round": 0.5},
+         "epsilon-per-site": 0.5},
         timeout=180,
     )
     assert res.ok, f"run {res.run_id} ended {res.status}/{res.sub_status}:\n{res.output[-4000:]}"

@@ -99,7 +99,7 @@ def test_launch_then_resume_continues_from_the_checkpoint_in_one_mlflow_run(cons
 
     # a halted round (both sites refuse: epsilon 0.1 per round is too little for ~100 patients) fails the
     # launch, is logged as halted and is not checkpointed
-    res = _cli("launch", "--config", str(study_file), "--epsilon-per-round", "0.1")
+    res = _cli("launch", "--config", str(study_file), "--epsilon", "0.3")
     assert res.exit_code == 1 and "round(s) 1 halted" in _text(res), _text(res)
     assert not list_checkpoints(ckpt_dir)
     halted_run = (ckpt_dir / RUN_ID_FILE).read_text().strip()

@@ -207,8 +207,11 @@ def evaluate_site(
     ground_truth: GroundTruth | None = None,
     layout: EvaluationLayout | None = None,
     config: EvaluationConfig | None = None,
+    subgroups: SubgroupConfig | None = None,
 ) -> TwinEvaluationStats:
     """Score ``model`` and the layout's baselines on ``tensors`` (patients it did not train on).
+
+    ``subgroups`` must be the config the layout's subgroup names came from (default: the spec's).
 
     Baselines are fitted on ``train`` when given (it must not share patients with ``tensors``),
     otherwise cross-fitted within ``tensors`` (see :mod:`fedtwin.evaluation.baselines`).
@@ -236,9 +239,9 @@ def evaluate_site(
                 "score held-out patients only (fedtwin.training.split.train_test_split)",
             )
         fitted = fit_baselines(model, train, layout.models, config)
-        return site_statistics(model, tensors, layout, fitted, truth, config)
+        return site_statistics(model, tensors, layout, fitted, truth, config, subgroups)
     if not TRAINED_BASELINES.intersection(layout.models):
-        return site_statistics(model, tensors, layout, None, truth, config)
+        return site_statistics(model, tensors, layout, None, truth, config, subgroups)
     folds = crossfit_folds(tensors.person_ids, config.crossfit_folds)
     total = TwinEvaluationStats.zeros(layout)
     for k in range(config.crossfit_folds):
@@ -246,5 +249,7 @@ def evaluate_site(
         if inside.size == 0:
             continue
         fitted = fit_baselines(model, tensors.select(np.flatnonzero(folds != k)), layout.models, config)
-        total = total + site_statistics(model, tensors.select(inside), layout, fitted, truth.select(inside) if truth else None, config)
+        total = total + site_statistics(
+            model, tensors.select(inside), layout, fitted, truth.select(inside) if truth else None, config, subgroups
+        )
     return total

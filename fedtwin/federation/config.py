@@ -9,7 +9,8 @@ edited) by people:
   the SuperLink address). The ClientApp finds it through the SuperNode's node config
   ``site-config="<path>"``.
 * ``study.toml`` (:class:`StudyConfig`): what the coordinator's ServerApp needs: study id, spec,
-  rounds, strategy (FedAvg or FedProx with its proximal mu), minimum sites per round, the
+  rounds, strategy (FedAvg or FedProx with its proximal mu), minimum sites per round, local
+  training (per-site epsilon for the whole training, epochs, batch, clipping, learning rate), the
   SecAgg+ parameters, the MLflow tracking URI and the checkpoint folder.
 * ``consortium.toml`` (:class:`ConsortiumManifest`): the local deployment itself (ports chosen at
   init, the site list, runtime tuning). Read by ``up``/``down``/``status``/``run_app``.
@@ -133,6 +134,19 @@ class StrategyConfig(_Strict):
         return self
 
 
+class TrainingConfig(_Strict):
+    """What each round of local training does at every site (the site's own budget still caps it)."""
+
+    epsilon_per_site: float = Field(
+        default=3.0, gt=0,
+        description="DP epsilon the whole training (all rounds, composed) may add at each site; noise is calibrated once for it",
+    )
+    local_epochs: float = Field(default=1.0, gt=0, description="passes over the site's training patients per round (in expectation)")
+    batch_size: int = Field(default=64, ge=1, description="expected Poisson batch (sample rate = batch_size / patients)")
+    max_grad_norm: float = Field(default=1.0, gt=0, description="per-patient gradient clipping norm (DP-SGD)")
+    learning_rate: float = Field(default=3e-3, gt=0)
+
+
 class SecAggConfig(_Strict):
     """Parameters of Flower's ``SecAggPlusWorkflow`` (checked as Flower 1.41 checks them, but earlier)."""
 
@@ -178,6 +192,7 @@ class CheckpointConfig(_Strict):
 class StudyConfig(_Strict):
     study: StudyInfo
     strategy: StrategyConfig = StrategyConfig()
+    training: TrainingConfig = TrainingConfig()
     secagg: SecAggConfig = SecAggConfig()
     tracking: TrackingConfig
     checkpoints: CheckpointConfig

@@ -14,8 +14,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from fedtwin.errors import FedTwinError
-from fedtwin.privacy.accounting import BudgetExceededError, calibrate_noise_multiplier
-from fedtwin.privacy.ledger import PrivacyLedger
+from fedtwin.privacy.accounting import BudgetExceededError, calibrate_noise_multiplier, check_plan, composed_epsilon
+from fedtwin.privacy.ledger import PrivacyLedger, effective_history
 
 
 EXHAUSTED_MARGIN = 0.02  # twice the calibration tolerance: what is left below this is not spendable
@@ -122,6 +122,24 @@ def open_or_create_ledger(path: Path, dataset_id: str, request: DPRequest) -> Pr
     return ledger
 
 
+def _refuse_if_exhausted(dataset_id: str, spent: float, budget_epsilon: float, delta: float) -> None:
+    if budget_epsilon - spent < EXHAUSTED_MARGIN:
+        # calibration stops just below its target, so a budget "used up" leaves a sliver that no
+        # useful training fits into: call it what it is instead of "noise would swamp learning"
+        raise BudgetExceededError(
+            f"the privacy budget of {dataset_id} is exhausted: epsilon {spent:.3f} of {budget_epsilon:g} "
+            f"(delta {delta:g}) is already spent",
+            "no further training on this data unless the site's data governance approves a larger budget "
+            "(PrivacyLedger.change_budget, which is recorded)",
+        )
+
+
+def _sampling(request: DPRequest, n_patients: int) -> tuple[float, int]:
+    """(Poisson sample rate, steps) of one pass of ``request.epochs`` over ``n_patients``."""
+    sample_rate = min(1.0, request.batch_size / max(n_patients, 1))
+    return sample_rate, max(1, math.ceil(request.epochs / sample_rate))
+
+
 def plan_run(ledger: PrivacyLedger, dataset_id: str, n_patients: int, request: DPRequest) -> PrivacyPlan:
     """Calibrate the noise for this run's steps; refuse (fail closed) if the ledger says no."""
     if request.epsilon <= 0:
@@ -130,17 +148,8 @@ def plan_run(ledger: PrivacyLedger, dataset_id: str, n_patients: int, request: D
     accountant = ledger.accountant(dataset_id)
     prior = ledger.history(dataset_id)
     spent = ledger.spent_epsilon(dataset_id)
-    if budget.epsilon - spent < EXHAUSTED_MARGIN:
-        # calibration stops just below its target, so a budget "used up" leaves a sliver that no
-        # useful training fits into: call it what it is instead of "noise would swamp learning"
-        raise BudgetExceededError(
-            f"the privacy budget of {dataset_id} is exhausted: epsilon {spent:.3f} of {budget.epsilon:g} "
-            f"(delta {budget.delta:g}) is already spent",
-            "no further training on this data unless the site's data governance approves a larger budget "
-            "(PrivacyLedger.change_budget, which is recorded)",
-        )
-    sample_rate = min(1.0, request.batch_size / max(n_patients, 1))
-    steps = max(1, math.ceil(request.epochs / sample_rate))
+    _refuse_if_exhausted(dataset_id, spent, budget.epsilon, budget.delta)
+    sample_rate, steps = _sampling(request, n_patients)
     target = min(budget.epsilon, spent + request.epsilon)
     sigma = calibrate_noise_multiplier(
         prior=prior, sample_rate=sample_rate, steps=steps, target_epsilon=target, delta=budget.delta, accountant=accountant
@@ -158,6 +167,59 @@ def plan_run(ledger: PrivacyLedger, dataset_id: str, n_patients: int, request: D
         delta=budget.delta,
         budget_epsilon=budget.epsilon,
         spent_before=spent,
+        target_epsilon=target,
+        projected_epsilon=check.projected_epsilon,
+    )
+
+
+def plan_federated_round(
+    ledger: PrivacyLedger, dataset_id: str, n_patients: int, request: DPRequest, *, training_id: str, rounds: int, server_round: int
+) -> PrivacyPlan:
+    """One round of a federated training whose noise is calibrated once for all its rounds.
+
+    ``request.epsilon`` is what the whole training (``rounds`` rounds of ``request.epochs`` each)
+    may add to what the dataset had spent *before* it started: the noise multiplier solves
+    "history before this training + rounds x steps reaches spent + epsilon", so every round of
+    the training computes the same multiplier (the ledger entries tagged ``training_id`` are
+    left out of "before"). Each round then checks that the rounds still to come fit the budget
+    on top of everything spent so far, this training's finished rounds included, and refuses
+    (fail closed) otherwise: a site never starts a round it could not finish.
+    """
+    if request.epsilon <= 0:
+        raise FedTwinError(f"the study's per-site epsilon must be positive, got {request.epsilon:g}")
+    if not 1 <= server_round <= rounds:
+        raise BudgetExceededError(
+            f"round {server_round} is outside the {rounds} round(s) this training was planned (and its noise calibrated) for",
+            "start a new training (a new study launch) for more rounds",
+        )
+    budget = ledger.budget(dataset_id)
+    accountant = ledger.accountant(dataset_id)
+    counted = effective_history(ledger.entries(dataset_id))
+    before = [e.block for e in counted if e.run_id != training_id]
+    everything = [e.block for e in counted]
+    spent_before = composed_epsilon(before, budget.delta, accountant)
+    spent_now = composed_epsilon(everything, budget.delta, accountant)
+    _refuse_if_exhausted(dataset_id, spent_now, budget.epsilon, budget.delta)
+    sample_rate, steps = _sampling(request, n_patients)
+    target = min(budget.epsilon, spent_before + request.epsilon)
+    sigma = calibrate_noise_multiplier(
+        prior=before, sample_rate=sample_rate, steps=steps * rounds, target_epsilon=target, delta=budget.delta,
+        accountant=accountant,
+    )
+    check = check_plan(
+        prior=everything, budget=budget, accountant=accountant, noise_multiplier=sigma, sample_rate=sample_rate,
+        steps_per_round=steps, rounds=rounds - server_round + 1, n_patients=n_patients,
+    )
+    return PrivacyPlan(
+        dataset_id=dataset_id,
+        accountant=accountant,
+        noise_multiplier=sigma,
+        sample_rate=sample_rate,
+        steps=steps,
+        max_grad_norm=request.max_grad_norm,
+        delta=budget.delta,
+        budget_epsilon=budget.epsilon,
+        spent_before=spent_now,
         target_epsilon=target,
         projected_epsilon=check.projected_epsilon,
     )
