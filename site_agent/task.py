@@ -169,13 +169,34 @@ def run_round(site_config_path: str | Path, parameters: list, settings: RoundSet
 
     new = [np.asarray(p, dtype=np.float32) for p in get_parameters(model)]
     check_update(new, settings.clipping_range)
+    if site.audit.outbox is not None:
+        keep_outbox_copy(site.audit.outbox, settings, new, num_examples, statistics)
     if statistics is not None:
-        new.append(statistics)
+        new.append(statistics[1])
     return RoundResult(parameters=new, num_examples=num_examples, epsilon_spent=spent, site=name)
 
 
+def keep_outbox_copy(folder: Path, settings: RoundSettings, parameters: list, num_examples: int, statistics) -> Path:
+    """The site's own copy of what it sends this round: ``<training id>/round-NNNN.npz`` in its outbox.
+
+    Keys: ``p0000``... (the parameters), ``num_examples``, and with SecAgg+ ``statistics`` (the
+    evaluation sums before encoding) and ``encoded`` (what went into the masked vector).
+    """
+    import numpy as np
+
+    target = Path(folder) / settings.training_id / f"round-{settings.server_round:04d}.npz"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {f"p{i:04d}": a for i, a in enumerate(parameters)}
+    if statistics is not None:
+        arrays["statistics"], arrays["encoded"] = statistics
+    tmp = target.with_suffix(".tmp.npz")
+    np.savez(tmp, num_examples=np.int64(num_examples), **arrays)
+    tmp.replace(target)
+    return target
+
+
 def _encoded_statistics(model, train, test, spec, settings: RoundSettings, num_examples: int):
-    """The received model's evaluation statistics on the test split, encoded for SecAgg+."""
+    """(statistics, encoded): the received model's evaluation sums on the test split, and their SecAgg+ encoding."""
     from fedtwin.evaluation import evaluate_site
     from fedtwin.federation.round_evaluation import federated_layout, federated_subgroups
     from fedtwin.federation.secure_sums import SecureSumEncoding, SecureSumError, encode_sums
@@ -185,8 +206,9 @@ def _encoded_statistics(model, train, test, spec, settings: RoundSettings, num_e
     enc = SecureSumEncoding(
         clipping_range=settings.clipping_range, quantization_range=settings.quantization_range, max_weight=settings.max_weight
     )
+    vector = stats.to_vector()
     try:
-        return encode_sums(stats.to_vector(), num_examples, enc)
+        return vector, encode_sums(vector, num_examples, enc)
     except SecureSumError as exc:
         raise SiteRefusal(f"refusing to send evaluation statistics: {exc}") from None
 

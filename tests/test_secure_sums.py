@@ -18,13 +18,15 @@ def _roundtrip(sites, ns, enc):
     return decode_sums(weighted_mean_emulation([encode_sums(s, n, enc) for s, n in zip(sites, ns)], ns, enc), ns, enc)
 
 
-def test_sums_over_twelve_orders_of_magnitude_are_exact_to_the_unit() -> None:
+def test_sums_over_fifteen_orders_of_magnitude_are_exact_to_the_unit() -> None:
     enc = SecureSumEncoding(max_weight=2000)
     rng = np.random.default_rng(0)
-    sites = [rng.normal(0, 1, 4000) * 10.0 ** rng.integers(-3, 9, 4000) for _ in range(3)]
+    sites = [rng.normal(0, 1, 4000) * 10.0 ** rng.integers(-3, 12, 4000) for _ in range(3)]
     ns = [120, 1500, 730]
     got = _roundtrip(sites, ns, enc)
-    assert np.max(np.abs(got - sum(sites))) <= 3 * enc.unit  # each site rounds to the unit once
+    total = sum(sites)
+    # each site rounds to the unit once; beyond ~1e10 float64 itself is coarser than the unit
+    assert np.all(np.abs(got - total) <= 3 * enc.unit + 4e-16 * np.abs(total))
 
 
 def test_counts_come_back_as_exact_integers_and_the_plain_mean_would_not() -> None:
@@ -49,7 +51,7 @@ def test_encoded_values_stay_inside_the_clipping_range_whatever_the_weight() -> 
 @pytest.mark.parametrize(
     "values, n, match",
     [
-        (np.array([2.0e12]), 10, "beyond"),
+        (np.array([2.0e16]), 10, "beyond"),
         (np.array([np.nan, 1.0]), 10, "NaN"),
         (np.array([1.0]), 1001, "max_weight"),
     ],

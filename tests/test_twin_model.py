@@ -296,6 +296,18 @@ def test_forecast_api(trained: TwinModel, cohort: CohortTensors) -> None:
         assert twin_rmse < base_rmse, (SPEC.state_names[j], twin_rmse, base_rmse)
 
 
+def test_a_patients_forecast_does_not_depend_on_who_else_is_in_the_batch(trained: TwinModel, cohort: CohortTensors) -> None:
+    """Sites evaluate their own patients, the pooled check evaluates all of them: same numbers."""
+    a, b = cohort.select(np.arange(500, 530)), cohort.select(np.arange(530, 560))
+    alone = forecast(trained, b, n_samples=16, seed=3)
+    pooled = forecast(trained, CohortTensors.concat([a, b]), n_samples=16, seed=3)
+    np.testing.assert_array_equal(pooled.mean[30:], alone.mean)
+    np.testing.assert_array_equal(pooled.std[30:], alone.std)
+    np.testing.assert_array_equal(pooled.risk[30:], alone.risk)
+    other_seed = forecast(trained, b, n_samples=16, seed=4)
+    assert not np.array_equal(other_seed.mean, alone.mean)  # the draws are random, just keyed by patient
+
+
 def test_what_if_follows_the_mechanism(trained: TwinModel, cohort: CohortTensors, tmp_path) -> None:  # noqa: ANN001
     patients = list(range(500, 540))
     more = what_if(trained, cohort, {"lowerer": [12.0] * HORIZON}, patients=patients, n_samples=16)

@@ -128,6 +128,7 @@ def init_consortium(
                 "site": {"name": s, "index": k, "consortium": name},
                 "data": {"database": f"../data/{s}.omop.sqlite", "spec": f"../specs/{spec_src.name}"},
                 "privacy": {"epsilon": epsilon, "delta": delta, "ledger": f"../privacy/{s}.ledger.sqlite", "suppression_threshold": suppression_threshold},
+                "audit": {"outbox": f"../outbox/{s}"},
                 "keys": {
                     "supernode_private_key": f"../keys/supernode/{s}.key",
                     "supernode_public_key": f"../keys/supernode/{s}.pub",

@@ -65,7 +65,7 @@ def calibrate_intervals(
         with torch_threads(num_threads):
             batch = prepare_batch(calibration, model.spec, model.norm)
             plan = model_doses(model, horizon_dose_override(model, calibration, "recorded"))
-            sim = simulate(model, batch, [plan], n_samples, seed, mechanism_only=False)[0]
+            sim = simulate(model, batch, [plan], n_samples, seed, mechanism_only=False, row_keys=calibration.person_ids)[0]
     except Exception:
         model.interval_scale = previous
         raise

@@ -101,7 +101,7 @@ def twin_predictions(
         batch = prepare_batch(tensors, model.spec, model.norm)
         plans, first_truth = _twin_doses(model, tensors, truth)
         flags = [with_mech, False] + [with_mech] * (len(plans) - 2)
-        sims = simulate(model, batch, plans, n_samples, seed, mechanism_only=flags)
+        sims = simulate(model, batch, plans, n_samples, seed, mechanism_only=flags, row_keys=tensors.person_ids)
     norm = model.norm
     has_risk = model.hazard is not None
 

@@ -100,6 +100,16 @@ class SiteSuperNode(_Strict):
     runtime_api_port: int = Field(ge=1, le=65535, description="the SuperNode's Runtime API port (127.0.0.1 only)")
 
 
+class SiteAudit(_Strict):
+    outbox: Path | None = Field(
+        default=None,
+        description=(
+            "folder where the site keeps a copy of what it sent each round (parameters, the reported count, its evaluation "
+            "statistics before encoding): the site's own record, never sent anywhere; unset = no copy"
+        ),
+    )
+
+
 class SiteConfig(_Strict):
     site: SiteInfo
     data: SiteData
@@ -107,6 +117,7 @@ class SiteConfig(_Strict):
     keys: SiteKeys
     trust: SiteTrust
     supernode: SiteSuperNode
+    audit: SiteAudit = SiteAudit()
 
 
 # -------------------------------------------------------------------------------------- study

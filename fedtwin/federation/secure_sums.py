@@ -10,7 +10,7 @@ errors in canonical units) are far outside +-8.
 
 So each statistic ``s`` travels as fixed-point integers:
 
-1. ``v = round(s / unit)`` (``unit`` = 2^-16: every sum is exact to 1.5e-5 in its own units);
+1. ``v = round(s / unit)`` (``unit`` = 2^-20: every sum is exact to 1e-6 in its own units);
 2. ``v`` is split into ``n_limbs`` balanced base-2^19 digits ``d_j`` in [-2^18, 2^18);
 3. each digit is sent as ``x = guard * d_j * (2c / q) / r_i``: after Flower multiplies by
    ``r_i`` the pre-rounding value is the integer ``guard * d_j + q/2`` (up to ~1e-9 of float
@@ -21,8 +21,9 @@ So each statistic ``s`` travels as fixed-point integers:
    rounding removes the rare off-by-one of a float value that landed a hair off an integer
    (it would take ``guard / 2`` such flips in one element across all sites to matter).
 
-Costs: ``n_limbs`` (3) floats per statistic, and a range of |s| <= 2^39 (5.5e11) per site; a larger
-sum is refused at the site rather than sent wrong. The coordinator learns only the sums over
+Costs: ``n_limbs`` (4) floats per statistic, and a range of |s| <= 2^54 (1.8e16) per site; a larger
+sum is refused at the site rather than sent wrong. (Sums of fourth powers of errors in canonical
+units reach 5e9 on a 30-patient test split, so 3 limbs - 2^39 - would not do for large sites.) The coordinator learns only the sums over
 the sites in the aggregate, exactly as for the parameters. Tests: ``tests/test_secure_sums.py``
 (pure arithmetic against Flower's own quantize/dequantize) and the deployment tests.
 """
@@ -48,9 +49,9 @@ class SecureSumEncoding:
     clipping_range: float = 8.0
     quantization_range: int = 2**22
     max_weight: float = 1000.0
-    unit: float = 2.0**-16
+    unit: float = 2.0**-20
     limb_bits: int = 19
-    n_limbs: int = 3
+    n_limbs: int = 4
     guard: int = 4
 
     def __post_init__(self) -> None:

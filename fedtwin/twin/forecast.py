@@ -144,6 +144,7 @@ def simulate(
     n_samples: int = 32,
     seed: int = 0,
     mechanism_only: bool | Sequence[bool] = True,
+    row_keys: Sequence[int] | np.ndarray | None = None,
 ) -> list[Simulation]:
     """Roll every patient out under each dose plan (model-unit doses (N, T, D)) with the SAME
     posterior draws for all plans (common random numbers: differences are not MC noise).
@@ -151,8 +152,10 @@ def simulate(
     Each plan's risk is the hazard read from that plan's own rollout. ``mechanism_only`` (one
     flag, or one per plan) also rolls out the mechanism alone; where False, the mechanism-only
     fields repeat the hybrid's. ``n_samples = 0`` uses the posterior mean only (no parameter
-    uncertainty). The draws depend only on ``seed`` and the patients, so two calls with the same
-    seed on the same batch share them.
+    uncertainty). With ``row_keys`` (one integer per patient, e.g. person ids) a patient's draws
+    depend only on ``seed`` and its key: its forecast is the same whichever other patients share
+    the batch (a site's evaluation then adds up to the pooled one exactly). Without them the
+    draws follow the batch order.
     """
     mech_flags = [mechanism_only] * len(dose_plans) if isinstance(mechanism_only, bool) else list(mechanism_only)
     if len(mech_flags) != len(dose_plans):
@@ -167,7 +170,13 @@ def simulate(
         b = batch.select(idx)
         n = b.size
         post = model.posterior(b)
-        theta = post.mu.repeat_interleave(s, dim=0) if n_samples == 0 else post.repeat(s).sample(gen)
+        if n_samples == 0:
+            theta = post.mu.repeat_interleave(s, dim=0)
+        elif row_keys is not None:
+            rp = post.repeat(s)
+            theta = rp.mu + torch.exp(0.5 * rp.logvar) * patient_draws(row_keys[lo:lo + n], s, rp.mu.shape[1], seed)
+        else:
+            theta = post.repeat(s).sample(gen)
         rep = b.repeat(s)
         h = model.history
         base: tuple[torch.Tensor, TwinBatch, Rollout] | None = None  # the first plan's doses, batch, rollout
@@ -208,6 +217,15 @@ def simulate(
             out[k]["risk"].append(r)
     cat = lambda xs: np.concatenate(xs, axis=0) if xs else np.zeros((0,))  # noqa: E731
     return [Simulation(cat(o["mean"]), cat(o["var"]), cat(o["mm"]), cat(o["mv"]), cat(o["risk"])) for o in out]
+
+
+def patient_draws(keys: Sequence[int] | np.ndarray, n_samples: int, dim: int, seed: int) -> torch.Tensor:
+    """(len(keys) * n_samples, dim) standard normals, patient-major; each patient's from its own stream."""
+    blocks = []
+    for key in np.asarray(keys, dtype=np.int64).tolist():
+        gen = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(key)) % (2**63 - 1))
+        blocks.append(torch.randn((n_samples, dim), generator=gen))
+    return torch.cat(blocks, dim=0) if blocks else torch.zeros((0, dim))
 
 
 def bands(model: TwinModel, mean: np.ndarray, var: np.ndarray) -> Bands:
@@ -272,7 +290,8 @@ def forecast(
         plans = [model_doses(model, horizon_dose_override(model, tensors, horizon_doses))]
         if risk_mode != horizon_doses:
             plans.append(model_doses(model, horizon_dose_override(model, tensors, risk_mode)))
-        sims = simulate(model, batch, plans, n_samples, seed, mechanism_only=[True, False][: len(plans)])
+        sims = simulate(model, batch, plans, n_samples, seed, mechanism_only=[True, False][: len(plans)],
+                        row_keys=tensors.person_ids)
     sim, risk = sims[0], sims[-1].risk
     h = model.history
     pred = bands(model, sim.mean[:, h:], sim.var[:, h:])

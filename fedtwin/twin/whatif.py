@@ -136,7 +136,8 @@ def what_if(
         alternative[:, h:, names.index(name)] = doses.astype(np.float32)
     with torch_threads(num_threads):
         batch = prepare_batch(tensors, model.spec, model.norm)
-        rec, alt = simulate(model, batch, [model_doses(model, recorded), model_doses(model, alternative)], n_samples, seed, mechanism_only=False)
+        rec, alt = simulate(model, batch, [model_doses(model, recorded), model_doses(model, alternative)], n_samples, seed,
+                            mechanism_only=False, row_keys=tensors.person_ids)
     affected = [v for v in model.spec.state_names if any(v in iv.affects for iv in model.spec.interventions if iv.name in checked)]
     hist = np.where(np.asarray(tensors.mask[:, :h]), np.asarray(tensors.values[:, :h], np.float64), math.nan)
     return WhatIfResult(
