@@ -157,10 +157,15 @@ class ErrorReportingGrid:
         return getattr(self._grid, name)
 
     def send_and_receive(self, messages, *args, **kwargs):
+        messages = list(messages)
         replies = list(self._grid.send_and_receive(messages, *args, **kwargs))
+        # a "node unavailable" reply comes from the SuperLink itself (src_node_id = the SuperLink's
+        # id): name the site by the message it answers (message ids are set when pushed)
+        to = {m.metadata.message_id: int(m.metadata.dst_node_id) for m in messages}
         for msg in replies:
             if msg.has_error():
-                self._log.site_error(self._log.round, int(msg.metadata.src_node_id), _refusal_text(msg.error.reason))
+                node = to.get(msg.metadata.reply_to_message_id, int(msg.metadata.src_node_id))
+                self._log.site_error(self._log.round, node, _refusal_text(msg.error.reason))
         return replies
 
 
@@ -421,7 +426,10 @@ def main(grid, context) -> None:
         min_available_clients=n,
         initial_parameters=ndarrays_to_parameters(init),
         on_fit_config_fn=fit_config_fn(h, training_id, evaluation_round),
-        accept_failures=False,
+        # SecAgg+ hands every error reply (a dead or refusing site) to aggregate_fit as a failure;
+        # whether the survivors suffice is its reconstruction threshold's call (min_sites still
+        # bounds sampling), so failures must not void a round it completed
+        accept_failures=True,
     )
     holder["strategy"] = strategy
     total_rounds = max(remaining, 0) + (1 if evaluation_round else 0)
