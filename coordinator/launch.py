@@ -85,6 +85,7 @@ def build_run_config(
         "batch-size": int(study.training.batch_size),
         "max-grad-norm": float(study.training.max_grad_norm),
         "learning-rate": float(study.training.learning_rate),
+        "evaluate": bool(study.training.federated_evaluation),
         "checkpoint-dir": str(ckpt),
         "output-path": str(output_path if output_path is not None else ckpt / "final.npz"),
         "mlflow-tracking-uri": mlflow_uri if mlflow_uri is not None else tracking_uri(study),

@@ -12,9 +12,39 @@ from rich.table import Table
 from site_agent.budget_command import budget
 from site_agent.check_command import check
 
-app = typer.Typer(help="Site commands: check data quality, summarize the cohort, manage the privacy budget.", no_args_is_help=True)
+app = typer.Typer(
+    help="Site commands: check data quality, summarize the cohort, manage the privacy budget, run the site's SuperNode.",
+    no_args_is_help=True,
+)
 app.command("check")(check)
 app.command("budget")(budget)
+
+
+@app.command("run")
+def run(
+    config: Path = typer.Option(..., "--config", help="the site config (sites/site_<k>.toml from `fedtwin consortium init`)"),
+    executor: str = typer.Option("fork", "--executor", help="fork (FedTwin's fork executor) or flower (Flower's subprocess isolation)"),
+    flwr_home: Path | None = typer.Option(None, "--flwr-home", help="Flower's state folder for this SuperNode (default: beside the config)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="check the config and print the command lines, start nothing"),
+) -> None:
+    """Run this site's SuperNode with FedTwin's ClientApp until Ctrl-C: it trains in the consortium's rounds."""
+    import shlex
+
+    from site_agent.run_command import plan_site, run_site
+
+    plan = plan_site(config, executor=executor, flwr_home=flwr_home)
+    console = Console()
+    if dry_run:
+        console.print(shlex.join(plan.supernode), highlight=False)
+        if plan.executor:
+            console.print(shlex.join([*plan.executor, "--watch-pid", "<SuperNode pid>"]), highlight=False)
+        for f in plan.secret_dir.glob("*"):
+            f.unlink()
+        plan.secret_dir.rmdir()
+        return
+    console.print(f"site {plan.site}: SuperNode connecting to {plan.superlink_address} (Ctrl-C stops it)", highlight=False)
+    code = run_site(plan, echo=lambda m: console.print(m, highlight=False))
+    raise typer.Exit(code)
 
 
 @app.command("summary")

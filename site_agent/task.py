@@ -45,6 +45,7 @@ class RoundSettings:
     lr: float
     proximal_mu: float
     secagg: bool
+    evaluate: bool
     clipping_range: float
     quantization_range: int
     max_weight: float
@@ -77,6 +78,7 @@ class RoundSettings:
             lr=float(get("learning-rate", 3e-3)),
             proximal_mu=float(get("proximal-mu", 0.0)),
             secagg=bool(get("secagg", False)),
+            evaluate=bool(get("evaluate", True)),
             clipping_range=float(get("clipping-range", 8.0)),
             quantization_range=int(get("quantization-range", 2**22)),
             max_weight=float(get("max-weight", 1000.0)),
@@ -110,6 +112,16 @@ def check_update(parameters: list, clipping_range: float) -> None:
                 f"refusing to send the update: parameter array {i} reaches {float(np.max(np.abs(arr))):.3g}, "
                 f"outside +-{clipping_range:g} (SecAgg+ would clip it)"
             )
+
+
+def check_training(losses) -> None:
+    """Refuse an update whose training diverged: parameters are bounded by projection, so a blown-up
+    run can still pass :func:`check_update` while being garbage; its loss says so."""
+    import numpy as np
+
+    tail = np.asarray(losses, dtype=float)[-5:]  # losses of non-empty batches only
+    if tail.size and not np.all(np.isfinite(tail)):
+        raise SiteRefusal(f"refusing to send the update: local training diverged (last losses {tail.tolist()}): lower the learning rate")
 
 
 def site_spec_hash(site_config_path: str | Path) -> str:
@@ -156,7 +168,7 @@ def run_round(site_config_path: str | Path, parameters: list, settings: RoundSet
         raise SiteRefusal(f"site {name}: received {len(parameters)} parameter arrays, the twin of {spec.name} has {n_model}")
     set_parameters(model, [np.asarray(p) for p in parameters])
     statistics = None
-    if settings.secagg:  # never in plaintext: only inside the masked vector
+    if settings.secagg and (settings.evaluate or settings.kind == "evaluate"):  # only inside the masked vector
         statistics = _encoded_statistics(model, train, test, spec, settings, num_examples)
     elif settings.kind == "evaluate":
         raise SiteRefusal("an evaluation round needs SecAgg+: the site's statistics never travel in plaintext")
@@ -202,7 +214,10 @@ def _encoded_statistics(model, train, test, spec, settings: RoundSettings, num_e
     from fedtwin.federation.secure_sums import SecureSumEncoding, SecureSumError, encode_sums
 
     kind = "final" if settings.kind == "evaluate" else "round"
-    stats = evaluate_site(model, test, train=train, layout=federated_layout(spec, kind), subgroups=federated_subgroups(spec, kind))
+    try:
+        stats = evaluate_site(model, test, train=train, layout=federated_layout(spec, kind), subgroups=federated_subgroups(spec, kind))
+    except ValueError as exc:  # e.g. a diverged global model whose forecasts are NaN
+        raise SiteRefusal(f"cannot score the received global model: {exc}") from None
     enc = SecureSumEncoding(
         clipping_range=settings.clipping_range, quantization_range=settings.quantization_range, max_weight=settings.max_weight
     )
@@ -245,8 +260,10 @@ def _train_in_ledger(model, train, site, dataset_id: str, spec_hash_: str, setti
                 pull()
                 session.add_steps(1)
 
-            fit(model, train, FitConfig(lr=settings.lr, batch_size=settings.batch_size), dp=plan.dp_settings(), on_step=step)
-        return float(ledger.spent_epsilon(dataset_id))
+            report = fit(model, train, FitConfig(lr=settings.lr, batch_size=settings.batch_size), dp=plan.dp_settings(), on_step=step)
+        spent = float(ledger.spent_epsilon(dataset_id))  # spent whatever happens next: the steps were taken
+        check_training(report.losses)
+        return spent
     finally:
         ledger.close()
 

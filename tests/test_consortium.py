@@ -24,8 +24,9 @@ import pytest
 import yaml
 from conftest import running_consortium
 
-from coordinator.consortium import commands, compose, processes
-from coordinator.consortium.commands import ProcessSpec
+from coordinator.consortium import compose, processes
+from fedtwin.federation import commands
+from fedtwin.federation.commands import ProcessSpec
 from fedtwin.federation.config import load_site_config, load_study_config
 from coordinator.consortium.consortium import Consortium, down, init_consortium, run_app, status, up
 from fedtwin.federation.errors import ConsortiumError

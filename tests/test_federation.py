@@ -232,16 +232,19 @@ def json_load(path: Path):
 
 
 @pytest.mark.slow
-def test_plain_fedavg_round_without_secagg(federation: Path) -> None:
-    """The same apps without SecAgg+: the ClientApp must not apply secaggplus_mod then."""
+def test_plain_fedprox_round_without_secagg(federation: Path) -> None:
+    """The same apps without SecAgg+ (the ClientApp must not apply secaggplus_mod then), with FedProx:
+    no statistics travel (they would be in plaintext) and no evaluation round is run."""
     from coordinator.consortium import run_app
 
     res = run_app(
         federation,
         APP,
         {"num-rounds": 1, "secagg": False, "min-sites": N_SITES, "spec-path": str(federation / "specs" / SPEC.name),
-         "epsilon-per-site": 0.5},
+         "epsilon-per-site": 0.5, "strategy": "fedprox", "proximal-mu": 0.5},
         timeout=180,
     )
     assert res.ok, f"run {res.run_id} ended {res.status}/{res.sub_status}:\n{res.output[-4000:]}"
     assert ROUND_RE.findall(res.output) == [("1", "completed", str(N_SITES))], res.output[-4000:]
+    assert "strategy=fedprox" in res.output and "evaluation_round=-" in res.output
+    assert "FEDTWIN evaluation" not in res.output

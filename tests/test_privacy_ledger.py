@@ -366,3 +366,38 @@ def test_cli_missing_or_corrupt_ledger_is_a_clear_error(tmp_path: Path) -> None:
     corrupt = runner.invoke(_app(), ["--ledger", str(bad), "--json"])
     assert isinstance(corrupt.exception, PrivacyLedgerError) and "could not be read" in str(corrupt.exception)
     assert not (tmp_path / "nope.db").exists()  # looking never creates a ledger
+
+
+# -- federated training: noise calibrated once for all planned rounds ------------------------------
+
+
+def test_federated_rounds_share_one_noise_multiplier_and_land_on_the_training_target(ledger: PrivacyLedger) -> None:
+    from fedtwin.training.privacy_plan import DPRequest, plan_federated_round
+
+    _spend(ledger, "earlier-study", None, 1.5, 0.05, 200)  # history before this training
+    before = ledger.spent_epsilon(DS)
+    request = DPRequest(epsilon=2.0, batch_size=50, epochs=1.0, max_grad_norm=1.0)
+    sigmas = []
+    for r in (1, 2, 3):
+        plan = plan_federated_round(ledger, DS, 1000, request, training_id="study-a", rounds=3, server_round=r)
+        sigmas.append(plan.noise_multiplier)
+        with plan.reserve(ledger, run_id="study-a", round=r, note="test") as session:
+            session.add_steps(plan.steps)
+    assert max(sigmas) - min(sigmas) < 1e-9  # the same multiplier every round
+    spent = ledger.spent_epsilon(DS)
+    assert spent == pytest.approx(before + 2.0, abs=0.05)  # all rounds together reach the target, no more
+    # a per-round share (epsilon / 3 calibrated per round) would have used less noise early on:
+    per_round = plan_federated_round(ledger, DS, 1000, DPRequest(epsilon=2.0 / 3, batch_size=50, epochs=1.0),
+                                     training_id="other", rounds=1, server_round=1)
+    assert per_round.noise_multiplier != pytest.approx(sigmas[0])
+
+
+def test_federated_round_beyond_the_plan_or_the_budget_is_refused(ledger: PrivacyLedger) -> None:
+    from fedtwin.training.privacy_plan import DPRequest, plan_federated_round
+
+    request = DPRequest(epsilon=2.0, batch_size=50, epochs=1.0)
+    with pytest.raises(BudgetExceededError, match="outside the 3 round"):
+        plan_federated_round(ledger, DS, 1000, request, training_id="t", rounds=3, server_round=4)
+    _spend(ledger, "someone-else", None, 0.6, 0.5, 400)  # uses up the budget of 8
+    with pytest.raises(BudgetExceededError, match="exhausted|refusing to train"):
+        plan_federated_round(ledger, DS, 1000, request, training_id="t", rounds=3, server_round=1)

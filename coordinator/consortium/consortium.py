@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from coordinator.consortium import commands, processes
-from coordinator.consortium.commands import ProcessSpec, Render, SiteRender
+from coordinator.consortium import processes
+from fedtwin.federation import commands
+from fedtwin.federation.commands import ProcessSpec, Render, SiteRender
 from fedtwin.federation.config import (
     ConsortiumManifest,
     ManifestSite,
@@ -278,6 +279,7 @@ class Consortium:
             active_window=rt.active_window,
             task_poll_interval=rt.task_poll_interval,
             serverapp_task_poll_interval=rt.serverapp_task_poll_interval,
+            heartbeat_interval=rt.heartbeat_interval,
             preload=tuple(rt.preload),
         )
 

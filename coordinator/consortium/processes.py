@@ -23,7 +23,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from coordinator.consortium.commands import ProcessSpec
+from fedtwin.federation.commands import ProcessSpec
 from coordinator.consortium.layout import Layout
 
 TAG = "FEDTWIN_CONSORTIUM"

@@ -156,6 +156,10 @@ class TrainingConfig(_Strict):
     batch_size: int = Field(default=64, ge=1, description="expected Poisson batch (sample rate = batch_size / patients)")
     max_grad_norm: float = Field(default=1.0, gt=0, description="per-patient gradient clipping norm (DP-SGD)")
     learning_rate: float = Field(default=3e-3, gt=0)
+    federated_evaluation: bool = Field(
+        default=True,
+        description="SecAgg+ only: sites add evaluation sums to their masked vectors and a last round scores the final model",
+    )
 
 
 class SecAggConfig(_Strict):
@@ -273,6 +277,10 @@ class ManifestRuntime(_Strict):
     )
     serverapp_task_poll_interval: float = Field(
         default=0.5, ge=0.01, le=60, description="SuperLink-side executor AcquireTask poll (s): only delays the start of a run"
+    )
+    heartbeat_interval: float = Field(
+        default=10.0, ge=0, le=1800,
+        description="SuperNode heartbeat (s; Flower: 30, the SuperLink's minimum 10; 0 = Flower's): a dead site is offline after 2 intervals",
     )
     preload: list[str] = Field(
         default_factory=list,

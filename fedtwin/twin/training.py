@@ -181,7 +181,9 @@ def fit(
             trainer = PrivateTrainer(model, n, dp, config.lr)
             try:
                 for idx in trainer.batches():
-                    losses.append(trainer.step(batch.select(idx)))
+                    loss = trainer.step(batch.select(idx))
+                    if len(idx):  # an empty Poisson batch still takes a (noise-only) step, but has no loss
+                        losses.append(loss)
                     if on_step:
                         on_step()
                 report = trainer.report()

@@ -16,7 +16,7 @@ SuperLink (``flower-superlink``)
   ``--host H --port P``         one HTTP port serves the Fleet, Control and Runtime APIs
   ``--database FILE``           persistent SuperLink state (registered nodes, runs)
 
-SuperNode (``flower-supernode``, via the poll-cap launcher ``python -m coordinator.consortium.polling``)
+SuperNode (``flower-supernode``, via the poll-cap launcher ``python -m fedtwin.federation.polling``)
   ``--superlink HOST:PORT --root-certificates CA``   TLS, trusting the consortium CA only
   ``--auth-supernode-private-key KEY``   OpenSSH EC P-384 key (public half registered)
   ``--node-config 'site-config="..." site-name="..."'``  tells the ClientApp which site it is
@@ -71,6 +71,7 @@ class Render:
     active_window: float = 30.0
     task_poll_interval: float = 0.1
     serverapp_task_poll_interval: float = 0.5
+    heartbeat_interval: float = 10.0
     preload: tuple[str, ...] = ()
 
     def exe(self, name: str) -> str:
@@ -130,7 +131,7 @@ def superlink_executor_argv(r: Render, watch_pid: int | None = None) -> list[str
     if r.executor != "fork":
         return None
     argv = [
-        r.python, "-m", "coordinator.consortium.executor",
+        r.python, "-m", "fedtwin.federation.executor",
         "--runtime-api-address", f"127.0.0.1:{r.superlink_port}",
         "--root-certificates", r.ca_cert,
         "--task-type", SERVER_APP,
@@ -170,7 +171,8 @@ def supernode_argv(
     else:
         flower += ["--isolation", "subprocess"]
     if r.poll_interval > 0:
-        return [r.python, "-m", "coordinator.consortium.polling", "supernode", *_poll_flags(r), "--", *flower]
+        beat = ["--heartbeat-interval", f"{r.heartbeat_interval:g}"] if r.heartbeat_interval else []
+        return [r.python, "-m", "fedtwin.federation.polling", "supernode", *_poll_flags(r), *beat, "--", *flower]
     return [r.exe("flower-supernode"), *flower]
 
 
@@ -178,7 +180,7 @@ def supernode_executor_argv(r: Render, site: SiteRender, watch_pid: int | None =
     if r.executor != "fork":
         return None
     argv = [
-        r.python, "-m", "coordinator.consortium.executor",
+        r.python, "-m", "fedtwin.federation.executor",
         "--runtime-api-address", f"127.0.0.1:{site.runtime_port}",
         "--insecure",
         "--task-type", CLIENT_APP,

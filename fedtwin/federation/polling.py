@@ -39,7 +39,7 @@ All of it is applied only in processes FedTwin starts itself (the SuperNode laun
 fork executor and its task processes), only with flwr 1.41.x, and not at all with
 ``poll_interval = 0`` in consortium.toml.
 
-``python -m coordinator.consortium.polling supernode --poll-interval 0.2 --local-poll-interval 0.05
+``python -m fedtwin.federation.polling supernode --poll-interval 0.2 --local-poll-interval 0.05
 [--active-window 30] -- <flower-supernode args>`` runs ``flower-supernode`` with the caps.
 """
 
@@ -178,6 +178,26 @@ def speed_up(component: str, link: float, local: float | None = None, active_win
     return done
 
 
+def shorten_heartbeat(seconds: float) -> str | None:
+    """The SuperNode's heartbeat interval (Flower: 30 s, the SuperLink accepts >= 10 s).
+
+    The SuperLink marks a node offline after 2 missed intervals: with 10 s a site that dies is
+    known to be gone (and may rejoin with the same key) after 20 s instead of 60 s.
+    """
+    from flwr.common import constant
+
+    if seconds <= 0 or seconds == constant.HEARTBEAT_DEFAULT_INTERVAL:
+        return None
+    seconds = max(float(constant.HEARTBEAT_MIN_INTERVAL), float(seconds))
+    for name in ("flwr.supernode.fleet_http_connection", "flwr.supercore.heartbeat"):
+        module = importlib.import_module(name)
+        if not hasattr(module, "HEARTBEAT_DEFAULT_INTERVAL"):
+            warnings.warn(f"{name} has no HEARTBEAT_DEFAULT_INTERVAL: heartbeat left at Flower's default", stacklevel=2)
+            return None
+        module.HEARTBEAT_DEFAULT_INTERVAL = seconds
+    return f"heartbeat every {seconds:g} s"
+
+
 def plain_timestamped_logs() -> None:
     """Flower's console log with timestamps and without colour codes (it goes to a log file)."""
     from flwr.supercore.logger import update_console_handler
@@ -189,16 +209,21 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     ours, flower = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
     parser = argparse.ArgumentParser(
-        prog="python -m coordinator.consortium.polling",
-        usage="%(prog)s supernode --poll-interval S [--local-poll-interval S] [--active-window S] -- FLOWER-SUPERNODE-ARGS",
+        prog="python -m fedtwin.federation.polling",
+        usage="%(prog)s supernode --poll-interval S [--local-poll-interval S] [--active-window S] [--heartbeat-interval S] "
+        "-- FLOWER-SUPERNODE-ARGS",
     )
     parser.add_argument("component", choices=["supernode"])
     parser.add_argument("--poll-interval", type=float, required=True, help="Fleet poll while active (s); 0 = Flower's polling")
     parser.add_argument("--local-poll-interval", type=float, help="cap on local waits (default: --poll-interval)")
     parser.add_argument("--active-window", type=float, default=30.0, help="seconds after the last message before polling slows to 3 s")
+    parser.add_argument("--heartbeat-interval", type=float, default=0.0, help="SuperNode heartbeat (s, >= 10); 0 = Flower's 30 s")
     args = parser.parse_args(ours)
     plain_timestamped_logs()
     applied = speed_up("supernode", args.poll_interval, args.local_poll_interval, args.active_window)
+    beat = shorten_heartbeat(args.heartbeat_interval)
+    if beat:
+        applied.append(beat)
     from flwr.supercore import log
 
     log(20, "FedTwin polling caps: %s", "; ".join(applied) or "none")

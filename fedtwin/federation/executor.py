@@ -16,7 +16,7 @@ the executor's process group, watch the executor's PID (Flower's parent-process 
 killed with it. The AcquireTask call is authenticated with the SuperExec shared secret
 (``--superexec-auth-secret-file``), as Flower's own ``flower-superexec`` does.
 
-``python -m coordinator.consortium.executor --runtime-api-address 127.0.0.1:9094 --insecure
+``python -m fedtwin.federation.executor --runtime-api-address 127.0.0.1:9094 --insecure
 --task-type flwr-clientapp --superexec-auth-secret-file S [--watch-pid PID] [--preload MOD ...]``
 """
 
@@ -162,7 +162,7 @@ def _run_child(task_type: str, token: str, args: argparse.Namespace, certificate
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m coordinator.consortium.executor", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m fedtwin.federation.executor", description=__doc__.splitlines()[0])
     p.add_argument("--runtime-api-address", required=True, help="the SuperNode's (or SuperLink's) Runtime API, HOST:PORT")
     tls = p.add_mutually_exclusive_group(required=True)
     tls.add_argument("--insecure", action="store_true", help="plain HTTP (the SuperNode's loopback Runtime API)")
@@ -186,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     t0 = time.monotonic()
     for name in sorted({m for t in args.task_type for m in PRELOAD[t]}) + list(args.preload):
         importlib.import_module(name)
-    from coordinator.consortium.polling import plain_timestamped_logs, speed_up
+    from fedtwin.federation.polling import plain_timestamped_logs, speed_up
 
     plain_timestamped_logs()
 
