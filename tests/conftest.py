@@ -110,3 +110,15 @@ def synthetic_site_databases(root: Path, work: Path, n_sites: int, patients: int
     synthesize(SynthRequest(sites=n_sites, patients=patients, seed=seed, out=out, sizes=[patients] * n_sites, workers=1))
     for k in range(1, n_sites + 1):
         shutil.copyfile(out / f"site_{k}.db", root / "data" / f"site_{k}.omop.sqlite")
+
+
+def cli_text(res) -> str:
+    """A typer CliRunner result's stdout (+ stderr where kept apart), whitespace collapsed."""
+    import re
+
+    out = res.output
+    try:
+        out += res.stderr
+    except ValueError:  # stderr mixed into output
+        pass
+    return re.sub(r"\s+", " ", out)

@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 import pytest
+from conftest import cli_text
 from typer.testing import CliRunner
 
 ROUNDS = 2
@@ -24,13 +25,6 @@ def _invoke(*args: str):
     return CliRunner().invoke(main.app, ["demo", *args])
 
 
-def _text(res) -> str:
-    out = res.output
-    try:
-        out += res.stderr
-    except ValueError:  # stderr mixed into output
-        pass
-    return re.sub(r"\s+", " ", out)
 
 
 def test_out_folder_that_is_not_a_demo_is_refused(tmp_path: Path) -> None:
@@ -39,14 +33,14 @@ def test_out_folder_that_is_not_a_demo_is_refused(tmp_path: Path) -> None:
     (foreign / "chapter1.tex").write_text("keep me")
     for extra in ((), ("--force",)):
         res = _invoke("--out", str(foreign), *extra)
-        assert res.exit_code == 2, _text(res)
-        assert "not a previous FedTwin demo" in _text(res) and "--out NEW_FOLDER" in _text(res), _text(res)
+        assert res.exit_code == 2, cli_text(res)
+        assert "not a previous FedTwin demo" in cli_text(res) and "--out NEW_FOLDER" in cli_text(res), cli_text(res)
     assert sorted(p.name for p in foreign.iterdir()) == ["chapter1.tex"]
 
 
 def test_budget_must_hold_the_comparison(tmp_path: Path) -> None:
     res = _invoke("--out", str(tmp_path / "d"), "--epsilon", "3", "--budget-epsilon", "4")
-    assert res.exit_code == 2 and "--budget-epsilon 6 or more" in _text(res), _text(res)
+    assert res.exit_code == 2 and "--budget-epsilon 6 or more" in cli_text(res), cli_text(res)
     assert not (tmp_path / "d").exists()
 
 
@@ -62,7 +56,7 @@ def test_demo_runs_the_federation_end_to_end(tmp_path: Path) -> None:
 
     out = tmp_path / "demo"
     res = _invoke("--out", str(out), "--patients", "150", "--rounds", str(ROUNDS))
-    text = _text(res)
+    text = cli_text(res)
     assert res.exit_code == 0, text
 
     # the consortium is down: no process record alive, nothing carrying its tag or path
@@ -107,4 +101,4 @@ def test_demo_runs_the_federation_end_to_end(tmp_path: Path) -> None:
 
     # a second run into the same folder is refused (it is a previous demo: --force would replace it)
     again = _invoke("--out", str(out), "--patients", "150", "--rounds", str(ROUNDS))
-    assert again.exit_code == 2 and "already holds a previous FedTwin demo" in _text(again) and "--force" in _text(again)
+    assert again.exit_code == 2 and "already holds a previous FedTwin demo" in cli_text(again) and "--force" in cli_text(again)

@@ -524,8 +524,11 @@ def test_d_site_with_another_spec_hash_refuses_over_the_network(restored: Path) 
 
 
 def test_e_diverged_update_is_refused_before_masking(restored: Path) -> None:
-    """A learning rate of 1e4 makes every site's training blow up; each site's check_update refuses
-    to send the update (SecAgg+ would silently clip it), so the round halts with nothing aggregated."""
+    """A learning rate of 1e4 makes the sites' training blow up. A site whose loss went non-finite
+    (or whose parameters did) refuses to send its update before masking (check_training /
+    check_update); parameters are bounded by projection, so a site may also end with a finite but
+    useless update, which it sends. Here at least two of three refuse, the round falls below the
+    threshold of 2 and halts with nothing aggregated: the global model is unchanged."""
     from coordinator.launch import launch, study_checkpoint_dir
     from coordinator.server_app import list_checkpoints, read_checkpoint
     from fedtwin.federation.config import load_study_config
@@ -544,14 +547,14 @@ def test_e_diverged_update_is_refused_before_masking(restored: Path) -> None:
     watch = LogWatch(root)
     res = launch(diverging, resume=True, output_path=final, timeout=LAUNCH_TIMEOUT)
 
-    # how each site was told: its ClientApp refused in check_update, before the update was masked
-    for s in SITES:
-        assert "refusing to send the update" in watch.site(s), watch.site(s)[-4000:]
-    # how the coordinator was told: one site_error line per site with check_update's reason
+    # how each refusing site was told: its ClientApp refused before the update was masked
+    refused = [s for s in SITES if "refusing to send the update" in watch.site(s)]
+    assert len(refused) >= 2, {s: watch.site(s)[-2000:] for s in SITES}
+    # how the coordinator was told: one site_error line per refusing site with the reason
     errors = [(n, why) for r, n, why in site_errors(res.output) if r == 2]
-    assert sorted(n for n, why in errors if "refusing to send the update" in why) == sorted(ids.values()), (errors, res.output[-5000:])
-    # what happened: no site sent its update; round 2 halted (0 sites < threshold 2); launch says so
-    assert rounds_of(res) == [(2, "halted", 0)], res.output[-5000:]
+    assert sorted(n for n, why in errors if "refusing to send the update" in why) == sorted(ids[s] for s in refused), (errors, res.output[-5000:])
+    # what happened: fewer than the threshold (2) sent an update; round 2 halted; launch says so
+    assert rounds_of(res) == [(2, "halted", len(SITES) - len(refused))], res.output[-5000:]
     assert not res.ok and "round(s) 2 halted" in res.message and "refusing to send the update" in res.message, res.message
     # nothing lost: no checkpoint for round 2, the global model is still P1; the steps the sites took are in their ledgers
     assert [read_checkpoint(p)[0] for p in list_checkpoints(ckpt_dir)] == [1]

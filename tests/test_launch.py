@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import running_consortium, synthetic_site_databases
+from conftest import cli_text, running_consortium, synthetic_site_databases
 from typer.testing import CliRunner
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,13 +27,6 @@ def _cli(*args: str):
     return CliRunner().invoke(app, list(args), catch_exceptions=False)
 
 
-def _text(res) -> str:
-    out = res.output
-    try:
-        out += res.stderr
-    except ValueError:  # stderr mixed into output
-        pass
-    return re.sub(r"\s+", " ", out)
 
 
 def _write_study(root: Path, name: str, **tracking) -> Path:
@@ -49,7 +42,7 @@ def _write_study(root: Path, name: str, **tracking) -> Path:
 def test_missing_study_file_is_a_clear_error(tmp_path: Path) -> None:
     res = _cli("launch", "--config", str(tmp_path / "nope.toml"))
     assert res.exit_code == 2
-    assert "study file" in _text(res) and "does not exist" in _text(res)
+    assert "study file" in cli_text(res) and "does not exist" in cli_text(res)
 
 
 def test_tracking_uri_checks() -> None:
@@ -92,15 +85,15 @@ def test_launch_then_resume_continues_from_the_checkpoint_in_one_mlflow_run(cons
     # pre-run checks: an unusable MLflow store fails before any run starts
     bad = _write_study(consortium, "study-bad-mlflow.toml", mlflow_tracking_uri=f"sqlite:///{consortium / 'no-such-dir' / 'm.db'}")
     res = _cli("launch", "--config", str(bad))
-    assert res.exit_code == 2 and "no-such-dir does not exist" in _text(res), _text(res)
+    assert res.exit_code == 2 and "no-such-dir does not exist" in cli_text(res), cli_text(res)
     assert not list_checkpoints(ckpt_dir)
     res = _cli("launch", "--config", str(study_file), "--resume")
-    assert res.exit_code == 2 and "no checkpoint" in _text(res), _text(res)
+    assert res.exit_code == 2 and "no checkpoint" in cli_text(res), cli_text(res)
 
     # a halted round (both sites refuse: epsilon 0.1 per round is too little for ~100 patients) fails the
     # launch, is logged as halted and is not checkpointed
     res = _cli("launch", "--config", str(study_file), "--epsilon", "0.3")
-    assert res.exit_code == 1 and "round(s) 1 halted" in _text(res), _text(res)
+    assert res.exit_code == 1 and "round(s) 1 halted" in cli_text(res), cli_text(res)
     assert not list_checkpoints(ckpt_dir)
     halted_run = (ckpt_dir / RUN_ID_FILE).read_text().strip()
     client = MlflowClient(tracking_uri=study.tracking.mlflow_tracking_uri)
@@ -109,7 +102,7 @@ def test_launch_then_resume_continues_from_the_checkpoint_in_one_mlflow_run(cons
 
     # launch: round 1
     res = _cli("launch", "--config", str(study_file), "--consortium", str(consortium))
-    assert res.exit_code == 0, _text(res)
+    assert res.exit_code == 0, cli_text(res)
     assert "round 1: completed (2 sites)" in res.output
     assert [read_checkpoint(p)[:2] for p in list_checkpoints(ckpt_dir)] == [(1, h)]
     run_id = (ckpt_dir / RUN_ID_FILE).read_text().strip()
@@ -117,11 +110,11 @@ def test_launch_then_resume_continues_from_the_checkpoint_in_one_mlflow_run(cons
 
     # a fresh launch over existing checkpoints is refused
     res = _cli("launch", "--config", str(study_file))
-    assert res.exit_code == 2 and "already holds checkpoints" in _text(res), _text(res)
+    assert res.exit_code == 2 and "already holds checkpoints" in cli_text(res), cli_text(res)
 
     # resume to 2 rounds: only round 2 runs, from the round-1 parameters, into the same MLflow run
     res = _cli("launch", "--config", str(study_file), "--resume", "--rounds", "2")
-    assert res.exit_code == 0, _text(res)
+    assert res.exit_code == 0, cli_text(res)
     assert "round 2: completed (2 sites)" in res.output and "round 1:" not in res.output, res.output
     ckpts = list_checkpoints(ckpt_dir)
     assert [read_checkpoint(p)[:2] for p in ckpts] == [(1, h), (2, h)]
@@ -147,4 +140,4 @@ def test_launch_then_resume_continues_from_the_checkpoint_in_one_mlflow_run(cons
 
     # nothing left to resume
     res = _cli("launch", "--config", str(study_file), "--resume", "--rounds", "2")
-    assert res.exit_code == 2 and "nothing left to run" in _text(res), _text(res)
+    assert res.exit_code == 2 and "nothing left to run" in cli_text(res), cli_text(res)

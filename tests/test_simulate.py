@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import cli_text
 from typer.testing import CliRunner
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,13 +35,6 @@ def _cli(*args: str):
     return CliRunner().invoke(app, list(args), catch_exceptions=False)
 
 
-def _text(res) -> str:
-    out = res.output
-    try:
-        out += res.stderr
-    except ValueError:  # stderr mixed into output
-        pass
-    return re.sub(r"\s+", " ", out)
 
 
 def test_one_site_with_secagg_is_a_clear_error_naming_the_fix(tmp_path: Path) -> None:
@@ -49,8 +43,8 @@ def test_one_site_with_secagg_is_a_clear_error_naming_the_fix(tmp_path: Path) ->
 
     out = tmp_path / "one"
     res = _cli("--sites", "1", "--rounds", "1", "--out", str(out))
-    assert res.exit_code == 2, _text(res)
-    assert "SecAgg+ needs at least 2 sites" in _text(res) and "--no-secagg" in _text(res), _text(res)
+    assert res.exit_code == 2, cli_text(res)
+    assert "SecAgg+ needs at least 2 sites" in cli_text(res) and "--no-secagg" in cli_text(res), cli_text(res)
     assert not out.exists()  # refused before anything is written
     with pytest.raises(ConsortiumError, match="SecAgg\\+ needs at least 2 sites") as exc:
         simulate(1, 1, out=out)
@@ -69,14 +63,14 @@ def test_one_site_with_secagg_is_a_clear_error_naming_the_fix(tmp_path: Path) ->
 def test_bad_options_are_refused_before_anything_runs(tmp_path: Path, args: tuple[str, ...], needle: str) -> None:
     out = tmp_path / "bad"
     res = _cli(*args, "--out", str(out))
-    assert res.exit_code == 2 and needle in _text(res), _text(res)
+    assert res.exit_code == 2 and needle in cli_text(res), cli_text(res)
     assert not out.exists()
 
 
 def test_a_non_empty_out_folder_is_refused(tmp_path: Path) -> None:
     (tmp_path / "keep.txt").write_text("mine")
     res = _cli("--sites", "3", "--out", str(tmp_path))
-    assert res.exit_code == 2 and "not an empty folder" in _text(res), _text(res)
+    assert res.exit_code == 2 and "not an empty folder" in cli_text(res), cli_text(res)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
 
 

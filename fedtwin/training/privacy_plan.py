@@ -157,19 +157,8 @@ def plan_run(ledger: PrivacyLedger, dataset_id: str, n_patients: int, request: D
     check = ledger.check_plan(
         dataset_id, noise_multiplier=sigma, sample_rate=sample_rate, steps_per_round=steps, rounds=1, n_patients=n_patients
     )
-    return PrivacyPlan(
-        dataset_id=dataset_id,
-        accountant=accountant,
-        noise_multiplier=sigma,
-        sample_rate=sample_rate,
-        steps=steps,
-        max_grad_norm=request.max_grad_norm,
-        delta=budget.delta,
-        budget_epsilon=budget.epsilon,
-        spent_before=spent,
-        target_epsilon=target,
-        projected_epsilon=check.projected_epsilon,
-    )
+    return PrivacyPlan(dataset_id, accountant, sigma, sample_rate, steps, request.max_grad_norm, budget.delta, budget.epsilon,
+                       spent, target, check.projected_epsilon)
 
 
 def plan_federated_round(
@@ -210,16 +199,5 @@ def plan_federated_round(
         prior=everything, budget=budget, accountant=accountant, noise_multiplier=sigma, sample_rate=sample_rate,
         steps_per_round=steps, rounds=rounds - server_round + 1, n_patients=n_patients,
     )
-    return PrivacyPlan(
-        dataset_id=dataset_id,
-        accountant=accountant,
-        noise_multiplier=sigma,
-        sample_rate=sample_rate,
-        steps=steps,
-        max_grad_norm=request.max_grad_norm,
-        delta=budget.delta,
-        budget_epsilon=budget.epsilon,
-        spent_before=spent_now,
-        target_epsilon=target,
-        projected_epsilon=check.projected_epsilon,
-    )
+    return PrivacyPlan(dataset_id, accountant, sigma, sample_rate, steps, request.max_grad_norm, budget.delta, budget.epsilon,
+                       spent_now, target, check.projected_epsilon)
