@@ -1,0 +1,204 @@
+"""The manifest a site signs every round: what it trained on and with what privacy, in ~1 KB.
+
+It travels in plaintext (a JSON string in Flower's fit metrics), so it holds only identifiers,
+digests and DP numbers, every one checked by type and format on construction: there is no field
+a patient-level value could be put in. What the coordinator (and later an auditor) learns from it
+is which spec, code, cohort summary, data-quality report, privacy parameters and starting global
+model the site *says* it used, with the site's signature on it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from fedtwin.provenance import fields as F
+from fedtwin.provenance.canonical import canonical_json, digest
+from fedtwin.provenance.errors import FieldError, ProvenanceError
+from fedtwin.provenance.keys import KeyRing, SigningKey, VerifyKey
+from fedtwin.provenance.signing import sign_payload, signature_valid
+
+MANIFEST_TYPE = "fedtwin.site-manifest"
+MANIFEST_FORMAT = 1
+MAX_MANIFEST_JSON_BYTES = 2048
+
+
+@dataclass(frozen=True)
+class DPParameters:
+    """The DP-SGD settings of the site's training this round (as its ledger reserved them)."""
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    max_grad_norm: float
+    delta: float
+    accountant: str
+
+    def __post_init__(self) -> None:
+        s = object.__setattr__
+        s(self, "noise_multiplier", F.number(self.noise_multiplier, "dp.noise_multiplier", low=0))
+        s(self, "sample_rate", F.number(self.sample_rate, "dp.sample_rate", low=0, high=1, low_open=True))
+        s(self, "steps", F.integer(self.steps, "dp.steps", minimum=0))
+        s(self, "max_grad_norm", F.number(self.max_grad_norm, "dp.max_grad_norm", low=0, low_open=True))
+        s(self, "delta", F.number(self.delta, "dp.delta", low=0, high=1, low_open=True, high_open=True))
+        s(self, "accountant", F.word(self.accountant, "dp.accountant"))
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> DPParameters:
+        """From anything with these attributes: ``PrivacyPlan`` or ``fedtwin.twin.config.DPSettings``."""
+        return cls(**{k: getattr(settings, k) for k in cls.__dataclass_fields__})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any, field: str = "dp") -> DPParameters:
+        d = F.exact_keys(data, field, set(cls.__dataclass_fields__))
+        return cls(**d)
+
+
+_REQUIRED = {
+    "type", "format", "study_id", "round", "site", "spec_hash", "code_version", "cohort_fingerprint",
+    "quality_report_hash", "dp", "epsilon_spent", "start_parameters_hash", "key_id", "signature",
+}
+
+
+@dataclass(frozen=True)
+class SiteManifest:
+    """One site's signed statement about one round.
+
+    ``dp`` is None for a round without training (the final evaluation round); ``epsilon_spent`` is
+    the site's composed epsilon after this round, as its ledger reports it. ``key_id`` and
+    ``signature`` are set by :meth:`sign`.
+    """
+
+    study_id: str
+    round: int
+    site: str
+    spec_hash: str
+    code_version: str
+    cohort_fingerprint: str
+    quality_report_hash: str
+    dp: DPParameters | None
+    epsilon_spent: float
+    start_parameters_hash: str
+    key_id: str | None = None
+    signature: str | None = None
+
+    def __post_init__(self) -> None:
+        s = object.__setattr__
+        s(self, "study_id", F.name(self.study_id, "study_id"))
+        s(self, "round", F.integer(self.round, "round", minimum=1))
+        s(self, "site", F.name(self.site, "site"))
+        s(self, "spec_hash", F.hex_digest(self.spec_hash, "spec_hash"))
+        s(self, "code_version", F.version(self.code_version, "code_version"))
+        s(self, "cohort_fingerprint", F.hex_digest(self.cohort_fingerprint, "cohort_fingerprint"))
+        s(self, "quality_report_hash", F.hex_digest(self.quality_report_hash, "quality_report_hash"))
+        if self.dp is not None and not isinstance(self.dp, DPParameters):
+            raise FieldError("dp", "DPParameters or None", type(self.dp).__name__)
+        s(self, "epsilon_spent", F.number(self.epsilon_spent, "epsilon_spent", low=0))
+        s(self, "start_parameters_hash", F.hex_digest(self.start_parameters_hash, "start_parameters_hash"))
+        s(self, "key_id", F.key_id(self.key_id, "key_id"))
+        s(self, "signature", F.signature(self.signature, "signature"))
+
+    # ---------------------------------------------------------------------------- plain form
+
+    def to_dict(self) -> dict[str, Any]:
+        """The manifest as plain JSON types (what is signed, plus the signature)."""
+        return {
+            "type": MANIFEST_TYPE,
+            "format": MANIFEST_FORMAT,
+            "study_id": self.study_id,
+            "round": self.round,
+            "site": self.site,
+            "spec_hash": self.spec_hash,
+            "code_version": self.code_version,
+            "cohort_fingerprint": self.cohort_fingerprint,
+            "quality_report_hash": self.quality_report_hash,
+            "dp": None if self.dp is None else self.dp.to_dict(),
+            "epsilon_spent": self.epsilon_spent,
+            "start_parameters_hash": self.start_parameters_hash,
+            "key_id": self.key_id,
+            "signature": self.signature,
+        }
+
+    def payload(self) -> dict[str, Any]:
+        """What the signature covers: everything but the signature (the key id included)."""
+        d = self.to_dict()
+        del d["signature"]
+        return d
+
+    @classmethod
+    def from_dict(cls, data: Any, field: str = "") -> SiteManifest:
+        """Parse a manifest dict; any unknown, missing or ill-typed field is a :class:`FieldError`."""
+        d = F.exact_keys(data, field, _REQUIRED)
+        at = (field + ".") if field else ""
+        if d["type"] != MANIFEST_TYPE:
+            raise FieldError(at + "type", repr(MANIFEST_TYPE), d["type"])
+        if d["format"] != MANIFEST_FORMAT or isinstance(d["format"], bool):
+            raise FieldError(at + "format", str(MANIFEST_FORMAT), d["format"], "this FedTwin reads manifest format 1 only")
+        kw = {k: d[k] for k in _REQUIRED - {"type", "format", "dp"}}
+        try:
+            dp = None if d["dp"] is None else DPParameters.from_dict(d["dp"], at + "dp")
+            return cls(dp=dp, **kw)
+        except FieldError as exc:
+            if not field or exc.field.startswith(at):
+                raise
+            raise FieldError(at + exc.field, exc.expected, exc.found) from None
+
+    def to_json(self) -> str:
+        """Canonical JSON, at most 2 KB: the string a site puts in its fit metrics."""
+        text = canonical_json(self.to_dict())
+        if len(text.encode("utf-8")) > MAX_MANIFEST_JSON_BYTES:  # cannot happen with checked fields; a guard
+            raise ProvenanceError(f"manifest JSON is {len(text)} bytes (limit {MAX_MANIFEST_JSON_BYTES})", "report a bug")
+        return text
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> SiteManifest:
+        if len(text) > MAX_MANIFEST_JSON_BYTES:
+            raise ProvenanceError(
+                f"manifest is {len(text)} bytes; a manifest is at most {MAX_MANIFEST_JSON_BYTES}",
+                "refuse it: a manifest holds identifiers, digests and DP numbers only",
+            )
+        try:
+            data = json.loads(text)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ProvenanceError(f"manifest is not JSON: {exc}", "the site must send SiteManifest.to_json()") from None
+        return cls.from_dict(data)
+
+    def digest(self) -> str:
+        """sha256 of the canonical JSON of the whole manifest, signature included."""
+        return digest(self.to_dict())
+
+    # ------------------------------------------------------------------------------- signing
+
+    def sign(self, key: SigningKey) -> SiteManifest:
+        """A copy with ``key_id`` set to ``key``'s and signed by it."""
+        unsigned = replace(self, key_id=key.key_id, signature=None)
+        return replace(unsigned, signature=sign_payload(key, unsigned.payload()))
+
+    def signature_valid(self, key: VerifyKey) -> bool:
+        """True if signed, with ``key``'s id, and the signature verifies."""
+        return self.key_id == key.key_id and signature_valid(key, self.payload(), self.signature)
+
+    def verify(self, keys: KeyRing | VerifyKey) -> None:
+        """Raise :class:`ProvenanceError` unless the manifest is signed by the key of ``self.site``.
+
+        With a :class:`KeyRing` the signer must be the key named like the site; with a single
+        :class:`VerifyKey` (e.g. a site checking itself) that key must have signed it.
+        """
+        where = f"manifest of {self.site}, round {self.round}"
+        if isinstance(keys, VerifyKey):
+            key: VerifyKey | None = keys
+        else:
+            key = keys.by_name(self.site)
+            if key is None:
+                raise ProvenanceError(f"{where}: no trusted key for site {self.site!r} (trusted: {', '.join(keys.names)})", "add the site's public key")
+        if self.signature is None:
+            raise ProvenanceError(f"{where} is not signed", "sign it with SiteManifest.sign(key)")
+        if self.key_id != key.key_id:
+            raise ProvenanceError(f"{where}: signed with key {self.key_id}, but {key.describe()} is expected", "check which key signed it")
+        if not signature_valid(key, self.payload(), self.signature):
+            raise ProvenanceError(f"{where}: the signature does not verify with {key.describe()}: the manifest was altered after signing", "")
