@@ -104,6 +104,24 @@ def build_run_config(
     return cfg
 
 
+def _progress(echo: Callable[[str], None]) -> Callable[[str], None]:
+    """Echo the ServerApp's round, site-error and evaluation lines as they arrive."""
+
+    def on_line(line: str) -> None:
+        if m := ROUND_RE.search(line):
+            r, status, n = m.groups()
+            echo(f"round {r}: {status} ({n} site{'s' if n != '1' else ''})")
+        elif m := SITE_ERROR_RE.search(line):
+            r, node, site, why = m.groups()
+            echo(f"site error: round {r}, site {site if site != '?' else 'node ' + node}: {why.strip()}")
+        elif m := EVALUATION_RE.search(line):
+            echo(f"final evaluation: {m.group(2)} ({m.group(3)} sites)")
+        elif m := EVAL_METRICS_RE.search(line):
+            echo(f"round-{m.group(1)} model scored on held-out patients: {m.group(2)}")
+
+    return on_line
+
+
 def _is_float(text: str) -> bool:
     try:
         float(text)
@@ -189,7 +207,7 @@ def launch(config: str | Path, consortium: str | Path | None = None, *, resume: 
     if echo:
         echo(f"launching study {run_config['study-id']} on {root}: rounds={run_config['num-rounds']} resume={resume} "
              f"secagg={run_config['secagg']} min_sites={run_config['min-sites']}")
-    res = run_app(root, app_dir, run_config, stream=True, timeout=timeout)
+    res = run_app(root, app_dir, run_config, stream=True, timeout=timeout, on_line=_progress(echo) if echo else None)
     out = res.output
     outcomes = [RoundOutcome(int(r), s, int(n)) for r, s, n in ROUND_RE.findall(out)]
     ckpts = [p for _, p in CKPT_LINE_RE.findall(out)]
@@ -201,13 +219,6 @@ def launch(config: str | Path, consortium: str | Path | None = None, *, resume: 
     result.evaluation = RoundOutcome(int(ev.group(1)), ev.group(2), int(ev.group(3))) if ev else None
     for r, rest in EVAL_METRICS_RE.findall(out):
         result.metrics[int(r)] = {k: float(v) for k, v in (kv.split("=", 1) for kv in rest.split()) if _is_float(v)}
-    if echo:
-        for o in outcomes:
-            echo(f"round {o.round}: {o.status} ({o.sites} site{'s' if o.sites != 1 else ''})")
-        for e in result.site_errors:
-            echo(f"site error: {e}")
-        if result.evaluation is not None:
-            echo(f"final evaluation: {result.evaluation.status} ({result.evaluation.sites} sites)")
     halted = [o.round for o in outcomes if o.status != "completed"]
     first = int(re.search(r"first_round=(\d+)", out).group(1)) if re.search(r"first_round=(\d+)", out) else 1
     expected = list(range(first, int(run_config["num-rounds"]) + 1))

@@ -161,6 +161,11 @@ def run_round(site_config_path: str | Path, parameters: list, settings: RoundSet
     if train.n_patients == 0:
         raise SiteRefusal(f"site {name} has no training patients for spec {spec.name}")
     num_examples = coarsen_count(train.n_patients, settings.count_step)
+    if settings.secagg and num_examples > settings.max_weight:  # Flower would only warn, then sum wrongly
+        raise SiteRefusal(
+            f"site {name} reports {num_examples} patients, above the study's SecAgg+ max_weight {settings.max_weight:g}: "
+            "the aggregate would overflow; the coordinator must raise [secagg] max_weight"
+        )
 
     model = TwinModel(spec)
     n_model = len(get_parameters(model))

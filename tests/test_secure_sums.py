@@ -64,3 +64,11 @@ def test_what_cannot_be_sent_exactly_is_refused(values, n, match) -> None:
 def test_settings_that_cannot_carry_the_digits_are_refused() -> None:
     with pytest.raises(SecureSumError, match="too small"):
         SecureSumEncoding(quantization_range=2**18)
+
+
+def test_the_whole_documented_range_round_trips_beyond_int64_units() -> None:
+    """4 x 19-bit digits hold 2^54 / 2^-20 = 2^74 units: more than an int64 holds."""
+    enc = SecureSumEncoding(max_weight=1000)
+    big = np.array([enc.max_abs, -enc.max_abs, 3.0e15, -7.77e12, 1.0, 0.0])
+    got = _roundtrip([big, big / 2], [500, 500], enc)
+    assert np.all(np.abs(got - 1.5 * big) <= 2 * enc.unit + 4e-16 * np.abs(1.5 * big))

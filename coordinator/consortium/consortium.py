@@ -17,11 +17,12 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from coordinator.consortium import processes
 from fedtwin.federation import commands
@@ -618,6 +619,7 @@ def run_app(
     timeout: float = 600.0,
     *,
     extra_env: dict[str, str] | None = None,
+    on_line: Callable[[str], None] | None = None,
 ) -> RunResult:
     """Run a Flower app on the consortium: ``flwr run APP_DIR FEDERATION [--run-config k=v]... --stream``.
 
@@ -625,6 +627,7 @@ def run_app(
     SuperLink and the CA). Returns the exit code, the captured output, the run id and the run's
     final status according to the SuperLink (``flwr run --stream`` exits 0 even if the ServerApp
     failed, so check :attr:`RunResult.ok`). On timeout the run is stopped on the SuperLink.
+    ``on_line`` sees every output line as it arrives (progress); an error in it is ignored.
     """
     c = Consortium.load(consortium_dir)
     app = Path(app_dir).expanduser().resolve()
@@ -637,13 +640,28 @@ def run_app(
     env = {**os.environ, **(extra_env or {}), **c.coordinator_env(), processes.TAG: str(c.layout.root)}
     t0 = time.monotonic()
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=app, start_new_session=True)
+    lines: list[str] = []
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if on_line is not None:
+                try:
+                    on_line(line.rstrip("\n"))
+                except Exception:  # noqa: BLE001 - progress display must not break the run
+                    pass
+
+    reader = threading.Thread(target=pump, name="flwr-run-output", daemon=True)
+    reader.start()
     try:
-        out, _ = proc.communicate(timeout=timeout)
-        code = proc.returncode
+        code = proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, 9)
-        out, _ = proc.communicate()
+        proc.wait()
         code = -1
+    reader.join(timeout=30)
+    out = "".join(lines)
     seconds = time.monotonic() - t0
     m = re.search(r"Successfully started run (\d+)", out or "")
     run_id = int(m.group(1)) if m else None

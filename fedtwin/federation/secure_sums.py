@@ -87,14 +87,18 @@ class SecureSumEncoding:
 
 
 def _digits(v: np.ndarray, base: int, n_limbs: int) -> np.ndarray:
-    """Balanced base-``base`` digits of int64 ``v``: shape (n_limbs, N), each in [-base/2, base/2)."""
-    out = np.empty((n_limbs, v.size), dtype=np.int64)
-    rest = v.astype(np.int64).copy()
-    half = base // 2
+    """Balanced base-``base`` digits of integer-valued float64 ``v``: shape (n_limbs, N), each in [-base/2, base/2).
+
+    Float arithmetic, not int64: ``n_limbs`` x 19 bits exceed 63, and every step is exact (``base``
+    is a power of 2, the digits are small integers, the quotients integer-valued floats).
+    """
+    out = np.empty((n_limbs, v.size), dtype=np.float64)
+    rest = np.asarray(v, dtype=np.float64).copy()
+    half = base / 2
     for j in range(n_limbs):
-        d = np.mod(rest + half, base) - half
+        d = rest - base * np.floor((rest + half) / base)
         out[j] = d
-        rest = (rest - d) // base
+        rest = (rest - d) / base
     if np.any(rest != 0):
         raise AssertionError("digits overflow: the range check should have refused this")
     return out
@@ -120,7 +124,7 @@ def encode_sums(values: np.ndarray, num_examples: int, enc: SecureSumEncoding) -
         raise SecureSumError(f"num_examples {num_examples} rounds to a zero SecAgg+ weight", "lower max_weight")
     digits = _digits(np.rint(s / enc.unit), enc.base, enc.n_limbs)
     step = 2.0 * enc.clipping_range / enc.quantization_range
-    return (enc.guard * digits).astype(np.float64) * step / ratio
+    return (enc.guard * digits) * step / ratio
 
 
 def decode_sums(aggregated: np.ndarray, num_examples: Sequence[int], enc: SecureSumEncoding) -> np.ndarray:
