@@ -140,7 +140,8 @@ def init_demo_consortium(paths: DemoPaths, *, rounds: int, epsilon: float, budge
     root = paths.consortium
     init_consortium(
         root, sites=N_SITES, name="fedtwin-demo", study_id=STUDY_ID, spec=SPEC_PATH, rounds=rounds, min_sites=N_SITES,
-        secagg={"enabled": True, "num_shares": 1.0, "reconstruction_threshold": 1.0, "timeout": 120.0},
+        # 3 shares, threshold 2: one site that fails in a round does not halt it (docs/reliability.md)
+        secagg={"enabled": True, "num_shares": 3, "reconstruction_threshold": 2, "timeout": 60.0},
         epsilon=budget_epsilon, delta=delta,
         runtime={"preload": ["torch", "site_agent.client_app"]},
     )
