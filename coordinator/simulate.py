@@ -263,14 +263,16 @@ def _point_site_at(site_toml: Path, database: Path) -> None:
 
 
 def secagg_shares(sites: int) -> dict:
-    """SecAgg+ neighbourhoods: every site up to 10 sites, else 10 neighbours (threshold 7).
+    """SecAgg+ neighbourhoods: every site up to 11 sites, else 11 share holders (threshold 7).
+
+    Flower's SecAgg+ needs an odd integer ``num_shares`` (an even one crashes key sharing).
 
     Flower's key sharing and unmasking grow with sites x shares; with every site sharing with
     every other one a 50-site round was dominated by them (docs/simulation.md).
     """
-    if sites <= 10:
+    if sites <= 11:
         return {"num_shares": 1.0, "reconstruction_threshold": 0.67}
-    return {"num_shares": 10, "reconstruction_threshold": 7}
+    return {"num_shares": 11, "reconstruction_threshold": 7}
 
 
 def prepare(out: Path, *, sites: int, rounds: int, patients: int, seed: int, secagg: bool, epsilon: float,

@@ -129,6 +129,8 @@ def test_config_errors_name_the_field(tmp_path: Path) -> None:
         init_consortium(tmp_path / "a", sites=2, strategy="fedprox")
     with pytest.raises(ConsortiumError, match=r"secagg.*num_shares = 2"):
         init_consortium(tmp_path / "b", sites=3, secagg={"num_shares": 2})
+    with pytest.raises(ConsortiumError, match=r"num_shares = 4: an integer num_shares must be odd"):
+        init_consortium(tmp_path / "b", sites=5, secagg={"num_shares": 4})
     with pytest.raises(ConsortiumError, match=r"min_sites = 5"):
         init_consortium(tmp_path / "c", sites=3, min_sites=5)
     assert not (tmp_path / "a").exists()  # nothing written when the options are wrong

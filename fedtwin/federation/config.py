@@ -179,6 +179,8 @@ class SecAggConfig(_Strict):
         ns, th = self.num_shares, self.reconstruction_threshold
         if isinstance(ns, int) and ns != 1 and ns <= 2:
             raise ValueError(f"num_shares = {ns}: an integer num_shares must be greater than 2 (or give a fraction such as 1.0)")
+        if isinstance(ns, int) and ns != 1 and ns % 2 == 0:
+            raise ValueError(f"num_shares = {ns}: an integer num_shares must be odd (Flower's SecAgg+ key sharing fails on an even one)")
         if isinstance(ns, float) and not 0 < ns <= 1:
             raise ValueError(f"num_shares = {ns}: a fractional num_shares must be in (0, 1]")
         if isinstance(th, int) and th != 1:
