@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from fedtwin.provenance import fields as F
 from fedtwin.provenance.canonical import canonical_json, digest
 from fedtwin.provenance.errors import FieldError, ProvenanceError
-from fedtwin.provenance.keys import KeyRing, SigningKey, VerifyKey
-from fedtwin.provenance.signing import sign_payload, signature_valid
+from fedtwin.provenance.keys import KeyRing, VerifyKey
+from fedtwin.provenance.signing import SignedDocument, signature_valid
 
 MANIFEST_TYPE = "fedtwin.site-manifest"
 MANIFEST_FORMAT = 1
@@ -66,7 +66,7 @@ _REQUIRED = {
 
 
 @dataclass(frozen=True)
-class SiteManifest:
+class SiteManifest(SignedDocument):
     """One site's signed statement about one round.
 
     ``dp`` is None for a round without training (the final evaluation round); ``epsilon_spent`` is
@@ -124,12 +124,6 @@ class SiteManifest:
             "signature": self.signature,
         }
 
-    def payload(self) -> dict[str, Any]:
-        """What the signature covers: everything but the signature (the key id included)."""
-        d = self.to_dict()
-        del d["signature"]
-        return d
-
     @classmethod
     def from_dict(cls, data: Any, field: str = "") -> SiteManifest:
         """Parse a manifest dict; any unknown, missing or ill-typed field is a :class:`FieldError`."""
@@ -173,15 +167,6 @@ class SiteManifest:
         return digest(self.to_dict())
 
     # ------------------------------------------------------------------------------- signing
-
-    def sign(self, key: SigningKey) -> SiteManifest:
-        """A copy with ``key_id`` set to ``key``'s and signed by it."""
-        unsigned = replace(self, key_id=key.key_id, signature=None)
-        return replace(unsigned, signature=sign_payload(key, unsigned.payload()))
-
-    def signature_valid(self, key: VerifyKey) -> bool:
-        """True if signed, with ``key``'s id, and the signature verifies."""
-        return self.key_id == key.key_id and signature_valid(key, self.payload(), self.signature)
 
     def verify(self, keys: KeyRing | VerifyKey) -> None:
         """Raise :class:`ProvenanceError` unless the manifest is signed by the key of ``self.site``.

@@ -12,15 +12,15 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from fedtwin.provenance import fields as F
 from fedtwin.provenance.canonical import canonical_json, digest
 from fedtwin.provenance.errors import FieldError, ProvenanceError
-from fedtwin.provenance.keys import KeyRing, SigningKey, VerifyKey
+from fedtwin.provenance.keys import KeyRing
 from fedtwin.provenance.manifest import SiteManifest
-from fedtwin.provenance.signing import sign_payload, signature_valid
+from fedtwin.provenance.signing import SignedDocument
 
 RECORD_TYPE = "fedtwin.round-record"
 RECORD_FORMAT = 1
@@ -78,7 +78,7 @@ def split_finite(metrics: Mapping[str, Any]) -> tuple[dict[str, float], list[str
 
 
 @dataclass(frozen=True)
-class RoundRecord:
+class RoundRecord(SignedDocument):
     """The coordinator's statement about one round; see the module docstring.
 
     Build one with :meth:`build` (it links to the previous record and orders the manifests), then
@@ -177,12 +177,6 @@ class RoundRecord:
             "signature": self.signature,
         }
 
-    def payload(self) -> dict[str, Any]:
-        """What the coordinator's signature and the record hash cover: everything but the signature."""
-        d = self.to_dict()
-        del d["signature"]
-        return d
-
     def record_hash(self) -> str:
         """sha256 of the canonical JSON without the signature: the value the next record's ``prev_hash`` holds."""
         return digest(self.payload())
@@ -219,14 +213,6 @@ class RoundRecord:
         return cls.from_dict(data)
 
     # ------------------------------------------------------------------------------- signing
-
-    def sign(self, key: SigningKey) -> RoundRecord:
-        """A copy with the coordinator's ``key_id`` set and signed by ``key``."""
-        unsigned = replace(self, key_id=key.key_id, signature=None)
-        return replace(unsigned, signature=sign_payload(key, unsigned.payload()))
-
-    def signature_valid(self, key: VerifyKey) -> bool:
-        return self.key_id == key.key_id and signature_valid(key, self.payload(), self.signature)
 
     def verify(self, keys: KeyRing, coordinator: str = "coordinator") -> None:
         """Raise :class:`ProvenanceError` listing every problem of this record on its own.

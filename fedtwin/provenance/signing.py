@@ -10,7 +10,8 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import replace
+from typing import Any, Self
 
 from fedtwin.provenance.canonical import canonical_bytes
 from fedtwin.provenance.keys import SigningKey, VerifyKey
@@ -38,3 +39,29 @@ def signature_valid(key: VerifyKey, payload: Mapping[str, Any], signature: str |
     """True if ``signature`` is ``key``'s signature of ``payload``; False for any other input."""
     raw = decode_signature(signature)
     return raw is not None and key.verify(canonical_bytes(payload), raw)
+
+
+class SignedDocument:
+    """``payload``/``sign``/``signature_valid`` for a frozen dataclass with ``key_id`` and ``signature``
+    fields and a ``to_dict()``: the signature covers everything but itself, the key id included."""
+
+    key_id: str | None
+    signature: str | None
+
+    def to_dict(self) -> dict[str, Any]:  # pragma: no cover - provided by the document
+        raise NotImplementedError
+
+    def payload(self) -> dict[str, Any]:
+        """What the signature covers: everything but the signature."""
+        d = self.to_dict()
+        del d["signature"]
+        return d
+
+    def sign(self, key: SigningKey) -> Self:
+        """A copy with ``key_id`` set to ``key``'s and signed by it."""
+        unsigned = replace(self, key_id=key.key_id, signature=None)  # type: ignore[type-var]
+        return replace(unsigned, signature=sign_payload(key, unsigned.payload()))
+
+    def signature_valid(self, key: VerifyKey) -> bool:
+        """True if signed, with ``key``'s id, and the signature verifies."""
+        return self.key_id == key.key_id and signature_valid(key, self.payload(), self.signature)
