@@ -69,6 +69,7 @@ def check_site(config: Path):  # -> SiteConfig
 def plan_site(config: Path, *, executor: str = "fork", flwr_home: Path | None = None, max_retries: int | None = None) -> SitePlan:
     """Build the SuperNode (and executor) command lines for the site described by ``config``."""
     from fedtwin.federation import commands
+    from fedtwin.federation.config import ManifestRuntime
 
     if executor not in ("fork", "flower"):
         raise FedTwinError(f"--executor {executor!r}", "use fork (FedTwin's fork executor) or flower (Flower's subprocess isolation)")
@@ -82,6 +83,7 @@ def plan_site(config: Path, *, executor: str = "fork", flwr_home: Path | None = 
         python=sys.executable, bin_dir=commands.local_bin_dir(), superlink_host="", superlink_port="",
         superlink_address=site.trust.superlink_address, ca_cert=str(site.trust.ca_certificate), server_cert="",
         server_key="", superlink_db="", superlink_secret="", executor=executor,
+        **commands.runtime_settings(ManifestRuntime()),  # a local consortium's defaults
     )
     sr = commands.SiteRender(
         name=site.site.name, site_config=str(config), supernode_key=str(site.keys.supernode_private_key),

@@ -64,12 +64,7 @@ def container_render() -> Render:
         superlink_db="/var/lib/flwr/superlink.db",
         superlink_secret=f"{MOUNT}/keys/superexec/superlink.secret",
         executor="fork",
-        poll_interval=rt.poll_interval,
-        local_poll_interval=rt.local_poll_interval,
-        active_window=rt.active_window,
-        task_poll_interval=rt.task_poll_interval,
-        serverapp_task_poll_interval=rt.serverapp_task_poll_interval,
-        heartbeat_interval=rt.heartbeat_interval,
+        **commands.runtime_settings(rt),
     )
 
 

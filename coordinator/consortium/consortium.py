@@ -275,13 +275,7 @@ class Consortium:
             superlink_db=self.superlink_database(),
             superlink_secret=str(L.superexec_secret("superlink")),
             executor=rt.executor,
-            poll_interval=rt.poll_interval,
-            local_poll_interval=rt.local_poll_interval,
-            active_window=rt.active_window,
-            task_poll_interval=rt.task_poll_interval,
-            serverapp_task_poll_interval=rt.serverapp_task_poll_interval,
-            heartbeat_interval=rt.heartbeat_interval,
-            preload=tuple(rt.preload),
+            **commands.runtime_settings(rt),
         )
 
     def superlink_database(self) -> str:

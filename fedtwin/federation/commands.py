@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedtwin.federation.config import SITE_CONFIG_NODE_KEY
+from fedtwin.federation.config import SITE_CONFIG_NODE_KEY, ManifestRuntime
 
 CLIENT_APP = "flwr-clientapp"
 SERVER_APP = "flwr-serverapp"
@@ -88,6 +88,23 @@ class SiteRender:
     secret: str
 
 
+def runtime_settings(rt: ManifestRuntime) -> dict:
+    """The :class:`Render` fields a consortium's ``[runtime]`` table sets (the executor aside).
+
+    Local processes, the compose files and ``fedtwin site run`` all take them from here, so a
+    runtime knob is added in one place.
+    """
+    return {
+        "poll_interval": rt.poll_interval,
+        "local_poll_interval": rt.local_poll_interval,
+        "active_window": rt.active_window,
+        "task_poll_interval": rt.task_poll_interval,
+        "serverapp_task_poll_interval": rt.serverapp_task_poll_interval,
+        "heartbeat_interval": rt.heartbeat_interval,
+        "preload": tuple(rt.preload),
+    }
+
+
 def common_env(r: Render) -> dict[str, str]:
     """Environment of every Flower process: no telemetry, no update check, executor polling."""
     env = {
@@ -130,20 +147,10 @@ def superlink_executor_argv(r: Render, watch_pid: int | None = None) -> list[str
     """FedTwin's fork executor for ServerApps (None with Flower's own subprocess isolation)."""
     if r.executor != "fork":
         return None
-    argv = [
-        r.python, "-m", "fedtwin.federation.executor",
-        "--runtime-api-address", f"127.0.0.1:{r.superlink_port}",
-        "--root-certificates", r.ca_cert,
-        "--task-type", SERVER_APP,
-        "--superexec-auth-secret-file", r.superlink_secret,
-        "--task-poll-interval", f"{r.serverapp_task_poll_interval:g}",
-        *_poll_flags(r),
-    ]
-    for m in r.preload:
-        argv += ["--preload", m]
-    if watch_pid is not None:
-        argv += ["--watch-pid", str(watch_pid)]
-    return argv
+    return _executor_argv(
+        r, r.superlink_port, ["--root-certificates", r.ca_cert], SERVER_APP, r.superlink_secret,
+        r.serverapp_task_poll_interval, watch_pid,
+    )
 
 
 def node_config(site: SiteRender) -> str:
@@ -179,13 +186,20 @@ def supernode_argv(
 def supernode_executor_argv(r: Render, site: SiteRender, watch_pid: int | None = None) -> list[str] | None:
     if r.executor != "fork":
         return None
+    return _executor_argv(r, site.runtime_port, ["--insecure"], CLIENT_APP, site.secret, r.task_poll_interval, watch_pid)
+
+
+def _executor_argv(
+    r: Render, port: str, tls: list[str], task_type: str, secret: str, task_poll: float, watch_pid: int | None
+) -> list[str]:
+    """FedTwin's fork executor polling the Runtime API on 127.0.0.1:``port`` for ``task_type`` tasks."""
     argv = [
         r.python, "-m", "fedtwin.federation.executor",
-        "--runtime-api-address", f"127.0.0.1:{site.runtime_port}",
-        "--insecure",
-        "--task-type", CLIENT_APP,
-        "--superexec-auth-secret-file", site.secret,
-        "--task-poll-interval", f"{r.task_poll_interval:g}",
+        "--runtime-api-address", f"127.0.0.1:{port}",
+        *tls,
+        "--task-type", task_type,
+        "--superexec-auth-secret-file", secret,
+        "--task-poll-interval", f"{task_poll:g}",
         *_poll_flags(r),
     ]
     for m in r.preload:
