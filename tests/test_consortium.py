@@ -355,17 +355,22 @@ def _wait_exit(rec: processes.ProcessRecord, timeout: float = 150) -> int | None
     return processes.exit_code(rec)
 
 
+def _run_refused_supernode(consortium: Path, name: str, **kw) -> tuple[processes.ProcessRecord, int | None]:
+    """Start an extra SuperNode, wait for it to give up, stop and forget it; (record, exit code)."""
+    rec = _start_extra_supernode(consortium, name, **kw)
+    try:
+        return rec, _wait_exit(rec)
+    finally:
+        processes.stop(rec)
+        processes.forget(Layout.at(consortium), rec.name)
+
+
 @pytest.mark.slow
 def test_unregistered_supernode_is_refused(consortium: Path, tmp_path: Path) -> None:
     from coordinator.consortium.node_keys import generate_supernode_key
 
     generate_supernode_key(tmp_path / "rogue.key", tmp_path / "rogue.pub")
-    rec = _start_extra_supernode(consortium, "rogue", key=tmp_path / "rogue.key")
-    try:
-        code = _wait_exit(rec)
-    finally:
-        processes.stop(rec)
-        processes.forget(Layout.at(consortium), rec.name)
+    rec, code = _run_refused_supernode(consortium, "rogue", key=tmp_path / "rogue.key")
     assert code not in (None, 0)
     log = processes.log_since_start(rec)
     assert "Failed to activate SuperNode" in log, log[-2000:]
@@ -385,12 +390,7 @@ def test_supernode_trusting_another_ca_cannot_connect(consortium: Path, tmp_path
     with Consortium.load(consortium).control() as ctl:
         before = {n.node_id: n.status for n in ctl.nodes()}
     # site_1's registered key: only the trusted CA differs
-    rec = _start_extra_supernode(consortium, "wrongca", ca=other)
-    try:
-        code = _wait_exit(rec)
-    finally:
-        processes.stop(rec)
-        processes.forget(Layout.at(consortium), rec.name)
+    rec, code = _run_refused_supernode(consortium, "wrongca", ca=other)
     assert code not in (None, 0)
     assert "CERTIFICATE_VERIFY_FAILED" in processes.log_since_start(rec)
     with Consortium.load(consortium).control() as ctl:
