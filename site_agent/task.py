@@ -124,14 +124,6 @@ def check_training(losses) -> None:
         raise SiteRefusal(f"refusing to send the update: local training diverged (last losses {tail.tolist()}): lower the learning rate")
 
 
-def site_spec_hash(site_config_path: str | Path) -> str:
-    from fedtwin.federation.config import load_site_config
-    from fedtwin.spec import load_spec, spec_hash
-
-    site = load_site_config(site_config_path)
-    return spec_hash(load_spec(site.data.spec))
-
-
 def run_round(site_config_path: str | Path, parameters: list, settings: RoundSettings) -> RoundResult:
     """Score the received global twin on held-out patients, then train it with DP-SGD in the ledger."""
     import numpy as np
