@@ -38,9 +38,7 @@ def run(
         console.print(shlex.join(plan.supernode), highlight=False)
         if plan.executor:
             console.print(shlex.join([*plan.executor, "--watch-pid", "<SuperNode pid>"]), highlight=False)
-        for f in plan.secret_dir.glob("*"):
-            f.unlink()
-        plan.secret_dir.rmdir()
+        plan.discard_secret()
         return
     console.print(f"site {plan.site}: SuperNode connecting to {plan.superlink_address} (Ctrl-C stops it)", highlight=False)
     code = run_site(plan, echo=lambda m: console.print(m, highlight=False))

@@ -40,6 +40,12 @@ class SitePlan:
     env: dict[str, str]
     secret_dir: Path
 
+    def discard_secret(self) -> None:
+        """Remove the per-run executor secret (its folder is private to this run)."""
+        for f in self.secret_dir.glob("*"):
+            f.unlink(missing_ok=True)
+        self.secret_dir.rmdir()
+
 
 def check_site(config: Path):  # -> SiteConfig
     """Load the site config and check what the SuperNode and ClientApp will need, before starting."""
@@ -128,9 +134,7 @@ def run_site(plan: SitePlan, echo: Callable[[str], None] = print) -> int:
             _stop(p)
         for s, h in old.items():
             signal.signal(s, h)
-        for f in plan.secret_dir.glob("*"):
-            f.unlink(missing_ok=True)
-        plan.secret_dir.rmdir()
+        plan.discard_secret()
         echo("site stopped")
 
 
