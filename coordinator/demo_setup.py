@@ -54,7 +54,7 @@ class DemoPaths:
 
     @property
     def artifacts(self) -> Path:
-        return self.mlflow_dir / "mlartifacts"  # where coordinator.tracking puts them for an SQLite store
+        return self.mlflow_dir / "mlartifacts"  # where fedtwin.tracking.run_tracker puts them for an SQLite store
 
     @property
     def local_models(self) -> Path:

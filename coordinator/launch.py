@@ -140,7 +140,7 @@ def prepare(config: str | Path, consortium: str | Path | None = None, *, resume:
             epsilon: float | None = None, output_path: str | Path | None = None) -> tuple[Path, dict[str, Any]]:
     """All checks that need no running app; returns (consortium folder, run config). Raises ConsortiumError."""
     from fedtwin.federation.config import load_manifest, load_study_config
-    from coordinator.tracking import TrackingError, check_tracking_uri
+    from fedtwin.tracking.run_tracker import TrackingError, check_tracking_uri
 
     cfg_path = Path(config).expanduser()
     if not cfg_path.is_file():

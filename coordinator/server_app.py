@@ -20,7 +20,7 @@ from the last checkpoint (refused if its spec hash is not this spec's) at its ro
 only the rounds left up to ``num-rounds``. The folder also keeps the training id (sites tag their
 ledger entries with it) and ``final-evaluation.json`` (the evaluation round's report).
 
-Tracking (``mlflow-tracking-uri`` non-empty): :class:`coordinator.tracking.RoundTracker` opens the
+Tracking (``mlflow-tracking-uri`` non-empty): :class:`fedtwin.tracking.run_tracker.RoundTracker` opens the
 study's MLflow run before the first round (an unusable store fails the run then) and logs every
 round; the run id lives in ``checkpoint-dir`` so that a resumed run continues it.
 
@@ -364,7 +364,7 @@ def main(grid, context) -> None:
     tracker = None
     uri = str(cfg.get("mlflow-tracking-uri", "")).strip()
     if uri:
-        from coordinator.tracking import RoundTracker
+        from fedtwin.tracking.run_tracker import RoundTracker
 
         study = str(cfg.get("study-id", "")).strip() or "fedtwin"
         params_logged = {

@@ -403,7 +403,7 @@ def test_a_site_dies_mid_round_and_the_round_completes_with_the_others(restored:
 def test_b_two_sites_die_the_round_halts_and_is_retried_from_the_same_parameters(restored: Path) -> None:
     from coordinator.launch import study_checkpoint_dir
     from coordinator.server_app import list_checkpoints, read_checkpoint
-    from coordinator.tracking import RUN_ID_FILE
+    from fedtwin.tracking.run_tracker import RUN_ID_FILE
     from fedtwin.federation.config import load_study_config
 
     root = restored
@@ -566,7 +566,7 @@ def test_e_diverged_update_is_refused_before_masking(restored: Path) -> None:
 def test_f_coordinator_killed_mid_run_resumes_from_the_last_checkpoint(restored: Path) -> None:
     from coordinator.launch import study_checkpoint_dir
     from coordinator.server_app import list_checkpoints, read_checkpoint
-    from coordinator.tracking import RUN_ID_FILE
+    from fedtwin.tracking.run_tracker import RUN_ID_FILE
     from fedtwin.federation.config import load_study_config
 
     root = restored

@@ -46,7 +46,7 @@ def test_missing_study_file_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_tracking_uri_checks() -> None:
-    from coordinator.tracking import TrackingError, check_tracking_uri
+    from fedtwin.tracking.run_tracker import TrackingError, check_tracking_uri
 
     check_tracking_uri("sqlite:////tmp/mlflow-check.db")
     for bad, why in (("sqlite:////no/such/folder/mlflow.db", "does not exist"), ("bogus://x", "unsupported scheme"), ("", "empty")):
@@ -74,7 +74,7 @@ def test_launch_then_resume_continues_from_the_checkpoint_in_one_mlflow_run(cons
 
     from coordinator.consortium import load_study_config
     from coordinator.server_app import list_checkpoints, read_checkpoint
-    from coordinator.tracking import RUN_ID_FILE
+    from fedtwin.tracking.run_tracker import RUN_ID_FILE
     from fedtwin.spec import load_spec, spec_hash
 
     study_file = consortium / "study.toml"

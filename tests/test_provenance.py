@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from fedtwin.provenance import (
+    DataSource,
     DPParameters,
     FieldError,
     KeyRing,
@@ -82,6 +83,7 @@ def _manifest(keydir: Path, site: str, rnd: int, start: str, eps: float, **over:
         quality_report_hash="b" * 64,
         dp=DPParameters(noise_multiplier=1.1, sample_rate=0.05, steps=20, max_grad_norm=1.0, delta=1e-5, accountant="rdp"),
         epsilon_spent=eps, start_parameters_hash=start,
+        data_source=DataSource(cdm_version="5.4", period_start="2019-01", period_end="2023-12", n_patients=120),
     )
     fields.update(over)
     return SiteManifest(**fields).sign(_sk(keydir, site))
@@ -244,10 +246,11 @@ def test_manifest_round_trips_through_json_and_verifies(keydir: Path, ring: KeyR
     back.verify(ring)
     assert set(json.loads(text)) == {
         "type", "format", "study_id", "round", "site", "spec_hash", "code_version", "cohort_fingerprint",
-        "quality_report_hash", "dp", "epsilon_spent", "start_parameters_hash", "key_id", "signature",
+        "quality_report_hash", "dp", "epsilon_spent", "start_parameters_hash", "data_source", "key_id", "signature",
     }
     # every leaf is a string, a number or null: nothing else can be carried
-    leaves = [v for v in json.loads(text).values() if not isinstance(v, dict)] + list(json.loads(text)["dp"].values())
+    d = json.loads(text)
+    leaves = [v for v in d.values() if not isinstance(v, dict)] + list(d["dp"].values()) + list(d["data_source"].values())
     assert all(v is None or isinstance(v, (str, int, float)) for v in leaves)
 
 

@@ -14,12 +14,12 @@ from fedtwin.provenance.digests import cohort_fingerprint, parameters_digest
 from fedtwin.provenance.errors import FieldError, LogError, ProvenanceError
 from fedtwin.provenance.keys import KeyRing, SigningKey, VerifyKey, key_id_of, load_signing_key, load_verify_key
 from fedtwin.provenance.log import LogEntry, ProvenanceLog
-from fedtwin.provenance.manifest import DPParameters, SiteManifest
+from fedtwin.provenance.manifest import DataSource, DPParameters, SiteManifest
 from fedtwin.provenance.record import RoundRecord, split_finite
 from fedtwin.provenance.signing import sign_payload, signature_valid
 
 __all__ = [
-    "ChainReport", "DPParameters", "FieldError", "KeyRing", "LogEntry", "LogError", "Problem", "ProvenanceError",
+    "ChainReport", "DPParameters", "DataSource", "FieldError", "KeyRing", "LogEntry", "LogError", "Problem", "ProvenanceError",
     "ProvenanceLog", "RoundRecord", "SigningKey", "SiteManifest", "VerifyKey", "canonical_bytes", "canonical_json",
     "cohort_fingerprint", "digest", "key_id_of", "load_signing_key", "load_verify_key", "parameters_digest",
     "record_problems", "sha256_hex", "sign_payload", "signature_valid", "split_finite", "verify_chain",

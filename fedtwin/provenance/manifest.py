@@ -10,6 +10,7 @@ model the site *says* it used, with the site's signature on it.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -59,9 +60,50 @@ class DPParameters:
         return cls(**d)
 
 
+PERIOD_RE = re.compile(r"^[12][0-9]{3}-(0[1-9]|1[0-2])$")  # YYYY-MM
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """Where the site's cohort comes from, as TRIPOD+AI asks a report to say, coarse by construction.
+
+    ``period_start``/``period_end`` are the months (``YYYY-MM``) of the earliest and latest index
+    date of the cohort; ``n_patients`` the cohort size rounded down to the site's count step, or
+    ``"<T"`` below the suppression threshold T. Nothing finer (no day, no exact count) can be put
+    here, so the manifest stays free of anything that singles out a patient.
+    """
+
+    cdm_version: str
+    period_start: str | None
+    period_end: str | None
+    n_patients: int | str
+
+    def __post_init__(self) -> None:
+        s = object.__setattr__
+        s(self, "cdm_version", F.version(self.cdm_version, "data_source.cdm_version"))
+        for k in ("period_start", "period_end"):
+            v = getattr(self, k)
+            if v is not None and (not isinstance(v, str) or not PERIOD_RE.match(v)):
+                raise FieldError(f"data_source.{k}", "a month YYYY-MM or null", v)
+        n = self.n_patients
+        if isinstance(n, str):
+            if not re.fullmatch(r"<[1-9][0-9]{0,3}", n):
+                raise FieldError("data_source.n_patients", "a count or '<T' (below the suppression threshold T)", n)
+        else:
+            s(self, "n_patients", F.integer(n, "data_source.n_patients", minimum=0))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any, field: str = "data_source") -> DataSource:
+        d = F.exact_keys(data, field, set(cls.__dataclass_fields__))
+        return cls(**d)
+
+
 _REQUIRED = {
     "type", "format", "study_id", "round", "site", "spec_hash", "code_version", "cohort_fingerprint",
-    "quality_report_hash", "dp", "epsilon_spent", "start_parameters_hash", "key_id", "signature",
+    "quality_report_hash", "dp", "epsilon_spent", "start_parameters_hash", "data_source", "key_id", "signature",
 }
 
 
@@ -84,6 +126,7 @@ class SiteManifest(SignedDocument):
     dp: DPParameters | None
     epsilon_spent: float
     start_parameters_hash: str
+    data_source: DataSource | None = None
     key_id: str | None = None
     signature: str | None = None
 
@@ -100,6 +143,8 @@ class SiteManifest(SignedDocument):
             raise FieldError("dp", "DPParameters or None", type(self.dp).__name__)
         s(self, "epsilon_spent", F.number(self.epsilon_spent, "epsilon_spent", low=0))
         s(self, "start_parameters_hash", F.hex_digest(self.start_parameters_hash, "start_parameters_hash"))
+        if self.data_source is not None and not isinstance(self.data_source, DataSource):
+            raise FieldError("data_source", "DataSource or None", type(self.data_source).__name__)
         s(self, "key_id", F.key_id(self.key_id, "key_id"))
         s(self, "signature", F.signature(self.signature, "signature"))
 
@@ -120,6 +165,7 @@ class SiteManifest(SignedDocument):
             "dp": None if self.dp is None else self.dp.to_dict(),
             "epsilon_spent": self.epsilon_spent,
             "start_parameters_hash": self.start_parameters_hash,
+            "data_source": None if self.data_source is None else self.data_source.to_dict(),
             "key_id": self.key_id,
             "signature": self.signature,
         }
@@ -133,10 +179,11 @@ class SiteManifest(SignedDocument):
             raise FieldError(at + "type", repr(MANIFEST_TYPE), d["type"])
         if d["format"] != MANIFEST_FORMAT or isinstance(d["format"], bool):
             raise FieldError(at + "format", str(MANIFEST_FORMAT), d["format"], "this FedTwin reads manifest format 1 only")
-        kw = {k: d[k] for k in _REQUIRED - {"type", "format", "dp"}}
+        kw = {k: d[k] for k in _REQUIRED - {"type", "format", "dp", "data_source"}}
         try:
             dp = None if d["dp"] is None else DPParameters.from_dict(d["dp"], at + "dp")
-            return cls(dp=dp, **kw)
+            src = None if d["data_source"] is None else DataSource.from_dict(d["data_source"], at + "data_source")
+            return cls(dp=dp, data_source=src, **kw)
         except FieldError as exc:
             if not field or exc.field.startswith(at):
                 raise

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -32,8 +33,21 @@ SecAggValue = bool | int | float | str
 
 _REQUIRED = {
     "type", "format", "study_id", "round", "kind", "status", "spec_hash", "start_parameters_hash", "aggregate_hash",
-    "sites_dropped", "secagg", "manifests", "metrics", "prev_hash", "key_id", "signature",
+    "sites_dropped", "secagg", "manifests", "metrics", "attachments", "prev_hash", "key_id", "signature",
 }
+ATTACHMENT_RE = re.compile(r"^[a-z][a-z0-9_.-]{0,63}$")
+
+
+def _attachments(value: Any) -> dict[str, str]:
+    """Name -> sha256 of each document the record vouches for (spec, study settings, evaluation report)."""
+    if not isinstance(value, Mapping):
+        raise FieldError("attachments", "an object of attachment name -> sha256 digest", type(value).__name__)
+    out: dict[str, str] = {}
+    for k, v in value.items():
+        if not isinstance(k, str) or not ATTACHMENT_RE.match(k):
+            raise FieldError("attachments", "names of lowercase letters, digits and _ . - (at most 64 characters)", k)
+        out[k] = F.hex_digest(v, f"attachments.{k}")  # type: ignore[assignment]
+    return dict(sorted(out.items()))
 
 
 def _secagg(value: Any) -> dict[str, SecAggValue]:
@@ -97,6 +111,7 @@ class RoundRecord(SignedDocument):
     manifests: tuple[SiteManifest, ...]
     metrics: Mapping[str, float]
     prev_hash: str | None
+    attachments: Mapping[str, str] = field(default_factory=dict)
     key_id: str | None = None
     signature: str | None = field(default=None)
 
@@ -121,6 +136,7 @@ class RoundRecord(SignedDocument):
                 raise FieldError(f"manifests[{i}]", "a SiteManifest", type(m).__name__)
         s(self, "manifests", ms)
         s(self, "metrics", _metrics(self.metrics))
+        s(self, "attachments", _attachments(self.attachments))
         s(self, "prev_hash", F.hex_digest(self.prev_hash, "prev_hash", optional=True))
         s(self, "key_id", F.key_id(self.key_id, "key_id"))
         s(self, "signature", F.signature(self.signature, "signature"))
@@ -141,6 +157,7 @@ class RoundRecord(SignedDocument):
         status: Status = "completed",
         kind: Kind = "train",
         sites_dropped: Iterable[str] = (),
+        attachments: Mapping[str, str] | None = None,
     ) -> RoundRecord:
         """An unsigned record linked to ``previous`` (the previous record, its hash, or None for the first).
 
@@ -153,6 +170,7 @@ class RoundRecord(SignedDocument):
             start_parameters_hash=start_parameters_hash, aggregate_hash=aggregate_hash,
             sites_dropped=tuple(sorted(sites_dropped)), secagg=secagg,
             manifests=tuple(sorted(manifests, key=lambda m: m.site)), metrics=metrics, prev_hash=prev,
+            attachments=dict(attachments or {}),
         )
 
     # ---------------------------------------------------------------------------- plain form
@@ -172,6 +190,7 @@ class RoundRecord(SignedDocument):
             "secagg": dict(self.secagg),
             "manifests": [m.to_dict() for m in self.manifests],
             "metrics": dict(self.metrics),
+            "attachments": dict(self.attachments),
             "prev_hash": self.prev_hash,
             "key_id": self.key_id,
             "signature": self.signature,
