@@ -166,6 +166,9 @@ def init_demo_consortium(paths: DemoPaths, *, rounds: int, epsilon: float, budge
              "FedTwin study of `fedtwin demo` (written by `fedtwin consortium init`, MLflow store moved under the demo folder).\n"
              "Paths are relative to this file's folder.")
     create_experiment(paths)
+    from site_agent.approval import approve_for_sites  # each hospital approves the study's spec and code version
+
+    approve_for_sites(sorted((root / "sites").glob("site_*.toml")), None, approved_by="fedtwin demo")
     return root
 
 

@@ -192,7 +192,19 @@ def prepare(config: str | Path, consortium: str | Path | None = None, *, resume:
         )
     run_config = build_run_config(study, spec_hash=h, rounds=rounds, epsilon=epsilon, resume=resume,
                                   output_path=output_path, mlflow_uri=uri)
+    run_config.update(provenance_keys(root))
     return root, run_config
+
+
+def provenance_keys(root: Path) -> dict[str, str]:
+    """The coordinator's signing key and the consortium's public signing keys (``consortium init`` made them)."""
+    from coordinator.consortium.layout import COORDINATOR, Layout
+
+    layout = Layout.at(root)
+    key = layout.signing_key(COORDINATOR)
+    if not key.is_file():
+        raise ConsortiumError(f"the coordinator's signing key {key} is missing", "recreate the consortium with `fedtwin consortium init`")
+    return {"signing-key": str(key), "trusted-keys": str(key.parent)}
 
 
 def launch(config: str | Path, consortium: str | Path | None = None, *, resume: bool = False, rounds: int | None = None,

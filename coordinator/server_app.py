@@ -68,6 +68,9 @@ class RoundLog:
         self.epsilon: dict[int, dict[str, float]] = {}
         self.reports: dict[int, dict] = {}
         self.site_names: dict[int, str] = {}  # node id -> site name, as sites report it
+        self.start_hash: dict[int, str] = {}  # digest of the global parameters sent in round r
+        self.manifests: dict[int, list] = {}  # the sites' checked, signed manifests of round r
+        self.failed_nodes: dict[int, set[int]] = {}  # nodes that refused or failed in round r
         self.on_round = on_round  # (round, completed, sites) -> None, after the line is printed
 
     def report(self, server_round: int, completed: bool, sites: int) -> None:
@@ -86,6 +89,7 @@ class RoundLog:
 
     def site_error(self, server_round: int, node_id: int, reason: str) -> None:
         name = self.site_names.get(node_id, "?")
+        self.failed_nodes.setdefault(server_round, set()).add(int(node_id))
         text = " ".join(str(reason).split())[:400]
         print(f"FEDTWIN site_error round={server_round} node={node_id} site={name} reason={text}", flush=True)
 
@@ -99,9 +103,10 @@ class FedTwinFedAvg(FedAvg):
     round's aggregate is not a new model (the sites sent back what they received): it is ignored.
     """
 
-    def __init__(self, log: RoundLog, n_params: int, spec, encoding=None, **kw) -> None:
+    def __init__(self, log: RoundLog, n_params: int, spec, encoding=None, keeper=None, **kw) -> None:
         super().__init__(**kw)
         self.log = log
+        self.keeper = keeper  # coordinator.provenance_keeper.ProvenanceKeeper, or None (no provenance)
         self.n_params = n_params
         self.spec = spec
         self.encoding = encoding  # SecureSumEncoding when SecAgg+ carries statistics
@@ -110,6 +115,9 @@ class FedTwinFedAvg(FedAvg):
     def configure_fit(self, server_round, parameters, client_manager):
         self.log.round = server_round
         self.log.started.setdefault(server_round, time.monotonic())
+        from fedtwin.provenance import parameters_digest
+
+        self.log.start_hash[server_round] = parameters_digest(parameters_to_ndarrays(parameters))
         return super().configure_fit(server_round, parameters, client_manager)
 
     def aggregate_fit(self, server_round, results, failures):
@@ -124,6 +132,9 @@ class FedTwinFedAvg(FedAvg):
             if isinstance(m.get("epsilon_spent"), (int, float)):
                 eps[site] = float(m["epsilon_spent"])
         self.log.epsilon[server_round] = eps
+        if params is not None and self.keeper is not None and not self._manifests_accepted(server_round, results):
+            self.log.results[server_round] = 0
+            return None, {}
         if params is None:
             return params, metrics
         arrays = parameters_to_ndarrays(params)
@@ -140,6 +151,21 @@ class FedTwinFedAvg(FedAvg):
         if server_round != self.log.evaluation_round:
             self.latest = model_params
         return model_params, metrics
+
+
+    def _manifests_accepted(self, server_round: int, results) -> bool:
+        """Check every site's signed manifest; refuse the aggregate if any is missing or wrong."""
+        from fedtwin.provenance.manifest import MANIFEST_METRIC
+
+        texts = {self.log.site_names[int(getattr(p, "node_id", 0) or 0)]: (r.metrics or {}).get(MANIFEST_METRIC) for p, r in results}
+        good, problems = self.keeper.check_manifests(server_round, self.log.start_hash[server_round], texts)
+        self.log.manifests[server_round] = good
+        for problem in problems:
+            print(f"FEDTWIN provenance_error round={server_round} {' '.join(problem.split())[:400]}", flush=True)
+        if problems:
+            print(f"FEDTWIN provenance_error round={server_round} the aggregate is refused: "
+                  f"{len(problems)} site(s) sent no valid signed manifest", flush=True)
+        return not problems
 
 
 class ErrorReportingGrid:
@@ -276,12 +302,22 @@ def read_checkpoint(path: str | Path) -> tuple[int, str, list]:
     return rnd, h, params
 
 
-def fit_config_fn(spec_hash: str, training_id: str, evaluation_round: int | None):
-    """Per-round fit config; everything else a site needs is in the run config it also sees."""
+def fit_config_fn(spec_hash: str, training_id: str, evaluation_round: int | None, keeper=None):
+    """Per-round fit config; everything else a site needs is in the run config it also sees.
+
+    With provenance, the coordinator's code version and its signed record of the previous round
+    (sites keep it in their own logs) ride along.
+    """
+    from fedtwin.code_version import code_version
+    from fedtwin.provenance.manifest import PREVIOUS_RECORD_CONFIG
 
     def fn(server_round: int) -> dict:
         kind = "evaluate" if server_round == evaluation_round else "train"
-        return {"server-round": int(server_round), "spec-hash": spec_hash, "training-id": training_id, "round-kind": kind}
+        out = {"server-round": int(server_round), "spec-hash": spec_hash, "training-id": training_id, "round-kind": kind,
+               "code-version": code_version()}
+        if keeper is not None and keeper.last is not None:
+            out[PREVIOUS_RECORD_CONFIG] = keeper.last_json()
+        return out
 
     return fn
 
@@ -305,6 +341,52 @@ def training_id_for(ckpt_dir: str, resume: bool, fallback: str) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(tid + "\n")
     return tid
+
+
+def _open_keeper(cfg, spec, h: str, ckpt_dir: str, resume: bool, training_id: str):
+    """The provenance keeper when the run config names the coordinator's signing key and the trusted keys."""
+    signing, trusted = str(cfg.get("signing-key", "")).strip(), str(cfg.get("trusted-keys", "")).strip()
+    if not (signing and trusted):
+        print("FEDTWIN warning: no signing-key/trusted-keys in the run config: rounds are not signed (no provenance)", flush=True)
+        return None
+    import json
+
+    from coordinator.provenance_keeper import RECORD_DIR, ProvenanceKeeper, study_facts
+    from fedtwin.code_version import code_version
+    from fedtwin.provenance import digest
+    from fedtwin.spec.io import canonical_json
+
+    facts = study_facts(cfg, code_version())
+    facts["suppression_threshold"] = int(spec.suppression_threshold)
+    spec_doc = json.loads(canonical_json(spec))
+    keeper = ProvenanceKeeper.open(
+        study_id=facts["study_id"], spec_hash=h, signing_key=signing, trusted_keys=trusted,
+        folder=Path(ckpt_dir) / RECORD_DIR / training_id if ckpt_dir else None,
+        secagg={k: v for k, v in facts["secagg"].items()}, attachments={"spec": digest(spec_doc), "study": digest(facts)},
+        resume=resume,
+    )
+    keeper.documents = {"spec": spec_doc, "study": facts}
+    keeper.trusted_keys = Path(trusted)
+    return keeper
+
+
+def _release(tracker, keeper, log: RoundLog, strategy, rounds: int, ckpt_dir: str) -> None:
+    """The model card and the registered twin (:mod:`coordinator.release`); the best model by held-out NLL."""
+    from coordinator.release import publish
+
+    nll = {r - 1: log.reports[r]["metrics"].get("nll.all.all.twin") for r in log.reports}
+    scored = {r: c["value"] for r, c in nll.items() if r >= 1 and isinstance(c, dict) and c.get("value") is not None}
+    best = min(scored, key=lambda r: (scored[r], -r)) if scored else None
+    name = publish(tracker, keeper, parameters_to_ndarrays(strategy.latest), best, ckpt_dir)
+    print(f"FEDTWIN release registered_model={name} best_round={best if best is not None else '-'} "
+          f"mlflow_run={tracker.run_id}", flush=True)
+
+
+def _log_attachments(tracker, keeper) -> None:
+    """The spec and study documents the records vouch for, and where the trusted public keys are."""
+    tracker.client.set_tag(tracker.run_id, "fedtwin.trusted_keys", str(keeper.trusted_keys))
+    for name, doc in keeper.documents.items():
+        tracker.client.log_dict(tracker.run_id, doc, f"provenance/{name}.json")
 
 
 def _track(call, server_round: int) -> None:
@@ -388,20 +470,46 @@ def main(grid, context) -> None:
     # SecAgg+ runs carry evaluation statistics and end with an evaluation-only round
     evaluation_round = rounds + 1 if secagg and bool(cfg.get("evaluate", True)) and remaining > 0 else None
     training_id = training_id_for(ckpt_dir, resume, f"flwr-run-{context.run_id}")
+    keeper = _open_keeper(cfg, spec, h, ckpt_dir, resume, training_id)
+    if keeper is not None and tracker is not None:
+        _track(lambda: _log_attachments(tracker, keeper), 0)
     holder: dict = {}
 
     def on_round(r: int, completed: bool, sites: int) -> None:
+        from fedtwin.provenance import parameters_digest
+        from fedtwin.tracking.run_tracker import evaluation_metrics, round_metrics
+
         report = log.reports.get(r) if completed else None
-        if r == evaluation_round:
+        evaluated = evaluation_metrics(report) if report is not None else {}
+        final = r == evaluation_round
+        secs = time.monotonic() - log.started.get(r, time.monotonic())
+        metrics = dict(evaluated) if final else {
+            **round_metrics(sites if completed else 0, secs, not completed, log.epsilon.get(r, {}) if completed else {}), **evaluated}
+        latest = parameters_to_ndarrays(holder["strategy"].latest)
+        if keeper is not None:  # the signed record goes first: a resumed training never leaves a gap
+            start_hash = log.start_hash.get(r) or parameters_digest(latest)
+            rec, path = keeper.record(
+                server_round=r, kind="evaluate" if final else "train", status="completed" if completed else "halted",
+                start_hash=start_hash, aggregate_hash=start_hash if final else parameters_digest(latest),
+                manifests=log.manifests.get(r, []) if completed else [], metrics=metrics,
+                sites_dropped=sorted({log.site_names.get(nd, f"node-{nd}") for nd in log.failed_nodes.get(r, set())}
+                                     - {m.site for m in log.manifests.get(r, [])}),
+                report=report,
+            )
+            print(f"FEDTWIN provenance round={r} record={rec.record_hash()[:16]} status={rec.status}", flush=True)
+            if tracker is not None and path is not None:
+                _track(lambda: tracker.log_file(path, "provenance"), r)
+        if final:
             if tracker is not None and report is not None:
                 _track(lambda: tracker.log_evaluation(rounds, report, "final"), r)
             return
         if completed and ckpt_dir:
-            path = write_checkpoint(ckpt_dir, r, h, parameters_to_ndarrays(holder["strategy"].latest))
+            path = write_checkpoint(ckpt_dir, r, h, latest)
             print(f"FEDTWIN checkpoint round={r} path={path}", flush=True)
+            if tracker is not None:
+                _track(lambda: tracker.log_file(path, "models"), r)
         if tracker is not None:
-            secs = time.monotonic() - log.started.get(r, time.monotonic())
-            _track(lambda: tracker.log_round(r, sites if completed else 0, secs, not completed, log.epsilon.get(r, {}) if completed else {}), r)
+            _track(lambda: tracker.log_metrics(r, {k: v for k, v in metrics.items() if k not in evaluated}), r)
             if report is not None:  # scores the model received in round r: the result of round r - 1
                 _track(lambda: tracker.log_evaluation(r - 1, report, f"round-{r - 1:04d}"), r)
 
@@ -419,13 +527,14 @@ def main(grid, context) -> None:
         len(init),
         spec,
         encoding,
+        keeper,
         fraction_fit=1.0,
         fraction_evaluate=0.0,
         min_fit_clients=n,
         min_evaluate_clients=n,
         min_available_clients=n,
         initial_parameters=ndarrays_to_parameters(init),
-        on_fit_config_fn=fit_config_fn(h, training_id, evaluation_round),
+        on_fit_config_fn=fit_config_fn(h, training_id, evaluation_round, keeper),
         # SecAgg+ hands every error reply (a dead or refusing site) to aggregate_fit as a failure;
         # whether the survivors suffice is its reconstruction threshold's call (min_sites still
         # bounds sampling), so failures must not void a round it completed
@@ -458,6 +567,8 @@ def main(grid, context) -> None:
         if remaining > 0:
             DefaultWorkflow(fit_workflow=OffsetRounds(fit_workflow, start - 1))(grid, legacy)
         failed = any(st != "completed" for r, st in log.status.items() if r != evaluation_round)
+        if not failed and keeper is not None and tracker is not None and evaluation_round in log.reports:
+            _track(lambda: _release(tracker, keeper, log, strategy, rounds, ckpt_dir), evaluation_round)
     finally:
         if tracker is not None:
             try:

@@ -281,7 +281,7 @@ def prepare(out: Path, *, sites: int, rounds: int, patients: int, seed: int, sec
     import torch
 
     from coordinator.consortium.consortium import init_consortium
-    from coordinator.launch import build_run_config, study_checkpoint_dir
+    from coordinator.launch import build_run_config, provenance_keys, study_checkpoint_dir
     from coordinator.server_app import write_checkpoint
     from fedtwin.federation.config import load_study_config
     from fedtwin.spec import load_spec, spec_hash
@@ -298,6 +298,9 @@ def prepare(out: Path, *, sites: int, rounds: int, patients: int, seed: int, sec
     init_consortium(root, sites=sites, spec=SPEC, rounds=rounds, study_id=STUDY_ID, min_sites=sites, secagg=sec, epsilon=epsilon)
     for k in range(1, sites + 1):
         _point_site_at(root / "sites" / f"site_{k}.toml", hospitals / f"site_{k}.db")
+    from site_agent.approval import approve_for_sites  # every simulated hospital approves the study
+
+    approve_for_sites(sorted((root / "sites").glob("site_*.toml")), None, approved_by="fedtwin simulate")
     study = load_study_config(root / "study.toml")
     spec = load_spec(study.study.spec)
     h = spec_hash(spec)
@@ -309,6 +312,7 @@ def prepare(out: Path, *, sites: int, rounds: int, patients: int, seed: int, sec
     cfg = build_run_config(study, spec_hash=h, rounds=rounds, resume=True, output_path=out / "final.npz",
                            mlflow_uri=None if mlflow else "", epsilon=float(epsilon))
     cfg["site-config-dir"] = str(root / "sites")
+    cfg.update(provenance_keys(root))
     return cfg, initial
 
 

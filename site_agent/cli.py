@@ -9,15 +9,22 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from site_agent.approval_command import approvals, approve, revoke
 from site_agent.budget_command import budget
 from site_agent.check_command import check
 
 app = typer.Typer(
-    help="Site commands: check data quality, summarize the cohort, manage the privacy budget, run the site's SuperNode.",
+    help=(
+        "Site commands: check data quality, summarize the cohort, manage the privacy budget, approve studies, "
+        "run the site's SuperNode."
+    ),
     no_args_is_help=True,
 )
 app.command("check")(check)
 app.command("budget")(budget)
+app.command("approve")(approve)
+app.command("approvals")(approvals)
+app.command("revoke")(revoke)
 
 
 @app.command("run")

@@ -49,7 +49,12 @@ class SiteClient(NumPyClient):
             # stays in the site's own log.
             log.exception("round %s failed at this site", server_round)
             raise SiteRefusal(f"round {server_round} failed at the site: {type(exc).__name__} (details in the site's log)") from None
-        return result.parameters, result.num_examples, {"epsilon_spent": float(result.epsilon_spent), "site": result.site}
+        metrics = {"epsilon_spent": float(result.epsilon_spent), "site": result.site}
+        if result.manifest_json:
+            from fedtwin.provenance.manifest import MANIFEST_METRIC
+
+            metrics[MANIFEST_METRIC] = result.manifest_json
+        return result.parameters, result.num_examples, metrics
 
     def evaluate(self, parameters, config):
         raise RuntimeError("FedTwin sites do not evaluate in the federation (evaluate messages are not protected)")

@@ -49,8 +49,10 @@ class SitePlan:
 
 def check_site(config: Path):  # -> SiteConfig
     """Load the site config and check what the SuperNode and ClientApp will need, before starting."""
+    from fedtwin.code_version import code_version
     from fedtwin.federation.config import load_site_config
-    from fedtwin.spec import load_spec
+    from fedtwin.spec import load_spec, spec_hash
+    from site_agent.approval import check_study_approved
 
     if not config.is_file():
         raise FedTwinError(f"site config {config} does not exist", "give --config PATH/TO/site_<k>.toml (written by `fedtwin consortium init`)")
@@ -62,7 +64,10 @@ def check_site(config: Path):  # -> SiteConfig
     ):
         if not Path(path).is_file():
             raise FedTwinError(f"{what} {path} does not exist", f"fix the path in {config} or copy the file there")
-    load_spec(site.data.spec)
+    spec = load_spec(site.data.spec)
+    # a site runs only a study it approved (spec hash + this FedTwin's code version)
+    check_study_approved(site.allow_list_path(), spec_hash(spec), code_version(), site.site.name,
+                         config_path=config, spec_path=site.data.spec)
     db = site.data.database
     if "://" not in db and not Path(db).is_file():
         raise FedTwinError(f"the site's OMOP database {db} does not exist", f"fix [data] database in {config}")

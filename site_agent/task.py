@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedtwin.provenance.manifest import PREVIOUS_RECORD_CONFIG
+
 
 class SiteRefusal(RuntimeError):
     """The site declines the round (wrong spec, unsafe update, ...); the message says why."""
@@ -50,6 +52,9 @@ class RoundSettings:
     quantization_range: int
     max_weight: float
     count_step: int
+    study_id: str = "fedtwin"
+    code_version: str = ""  # the FedTwin version the coordinator runs ("" = not said: the site's own)
+    previous_record: str = ""  # the coordinator's signed record of the previous round (JSON), if any
 
     @classmethod
     def from_config(cls, config: dict[str, Any], run_config: dict[str, Any], server_round: int, run_id: str) -> "RoundSettings":
@@ -83,6 +88,9 @@ class RoundSettings:
             quantization_range=int(get("quantization-range", 2**22)),
             max_weight=float(get("max-weight", 1000.0)),
             count_step=int(get("count-step", 10)),
+            study_id=str(get("study-id", "fedtwin")).strip() or "fedtwin",
+            code_version=str(config.get("code-version", "")),
+            previous_record=str(config.get(PREVIOUS_RECORD_CONFIG, "")),
         )
 
 
@@ -92,6 +100,7 @@ class RoundResult:
     num_examples: int
     epsilon_spent: float
     site: str
+    manifest_json: str = ""  # the site's signed manifest of the round (plaintext fit metric)
 
 
 def coarsen_count(n: int, step: int = 10) -> int:
@@ -145,11 +154,20 @@ def run_round(site_config_path: str | Path, parameters: list, settings: RoundSet
             f"site {name} refuses round {settings.server_round}: the coordinator's spec hash "
             f"{settings.spec_hash[:12]} is not the site's spec hash {own[:12]} ({site.data.spec.name})"
         )
+    from fedtwin.code_version import code_version
+    from site_agent.approval import check_study_approved
+
+    # the study (its spec hash and the coordinator's code version) must be on the site's allow-list
+    # before any data is read
+    check_study_approved(site.allow_list_path(), own, settings.code_version or code_version(), name,
+                         config_path=site_config_path, spec_path=site.data.spec)
     if not (settings.epsilon > 0 and math.isfinite(settings.epsilon)):
         raise SiteRefusal(f"epsilon-per-site must be a positive number, got {settings.epsilon!r}")
 
     db = open_database(site.data.database, site.data.cdm_schema)
-    train, test = train_test_split(Extractor(db, spec).extract())
+    extractor = Extractor(db, spec)
+    cohort = extractor.extract()
+    train, test = train_test_split(cohort)
     if train.n_patients == 0:
         raise SiteRefusal(f"site {name} has no training patients for spec {spec.name}")
     num_examples = coarsen_count(train.n_patients, settings.count_step)
@@ -159,6 +177,7 @@ def run_round(site_config_path: str | Path, parameters: list, settings: RoundSet
             "the aggregate would overflow; the coordinator must raise [secagg] max_weight"
         )
 
+    received = [np.asarray(p) for p in parameters]
     model = TwinModel(spec)
     n_model = len(get_parameters(model))
     if len(parameters) != n_model:
@@ -171,8 +190,9 @@ def run_round(site_config_path: str | Path, parameters: list, settings: RoundSet
         raise SiteRefusal("an evaluation round needs SecAgg+: the site's statistics never travel in plaintext")
 
     dataset_id = dataset_id_for_database(db.url, db.cdm_schema)
+    plan = None
     if settings.kind == "train":
-        spent = _train_in_ledger(model, train, site, dataset_id, own, settings)
+        spent, plan = _train_in_ledger(model, train, site, dataset_id, own, settings)
     else:
         spent = _spent(site.privacy.ledger, dataset_id)
 
@@ -180,9 +200,28 @@ def run_round(site_config_path: str | Path, parameters: list, settings: RoundSet
     check_update(new, settings.clipping_range)
     if site.audit.outbox is not None:
         keep_outbox_copy(site.audit.outbox, settings, new, num_examples, statistics)
+    manifest = _signed_manifest(site, settings, spec, own, db, cohort, extractor.stats, received, plan, spent)
     if statistics is not None:
         new.append(statistics[1])
-    return RoundResult(parameters=new, num_examples=num_examples, epsilon_spent=spent, site=name)
+    return RoundResult(parameters=new, num_examples=num_examples, epsilon_spent=spent, site=name, manifest_json=manifest.to_json())
+
+
+def _signed_manifest(site, settings: RoundSettings, spec, own_hash: str, db, cohort, stats, received: list, plan, spent: float):
+    """Sign this round's manifest and keep it (and the previous round's record) in the site's log."""
+    from fedtwin.extract.summary import summarize
+    from fedtwin.quality.runner import run_quality_checks
+    from site_agent import provenance
+
+    threshold = site.privacy.suppression_threshold
+    manifest = provenance.sign_manifest(
+        site, study_id=settings.study_id, server_round=settings.server_round, spec_hash=own_hash,
+        summary=summarize(cohort, stats, threshold),
+        quality_report_hash=run_quality_checks(db, spec, threshold).report_hash,
+        dp_plan=plan, epsilon_spent=spent, received=received,
+        source=provenance.data_source(cohort, db, threshold, settings.count_step),
+    )
+    provenance.keep_in_log(site, manifest, settings.previous_record or None)
+    return manifest
 
 
 def keep_outbox_copy(folder: Path, settings: RoundSettings, parameters: list, num_examples: int, statistics) -> Path:
@@ -225,7 +264,8 @@ def _encoded_statistics(model, train, test, spec, settings: RoundSettings, num_e
         raise SiteRefusal(f"refusing to send evaluation statistics: {exc}") from None
 
 
-def _train_in_ledger(model, train, site, dataset_id: str, spec_hash_: str, settings: RoundSettings) -> float:
+def _train_in_ledger(model, train, site, dataset_id: str, spec_hash_: str, settings: RoundSettings):
+    """(composed epsilon after the round, the round's privacy plan)."""
     from fedtwin.privacy.accounting import BudgetExceededError
     from fedtwin.training.privacy_plan import DPRequest, open_or_create_ledger, plan_federated_round
     from fedtwin.training.proximal import ProximalPull
@@ -260,7 +300,7 @@ def _train_in_ledger(model, train, site, dataset_id: str, spec_hash_: str, setti
             report = fit(model, train, FitConfig(lr=settings.lr, batch_size=settings.batch_size), dp=plan.dp_settings(), on_step=step)
         spent = float(ledger.spent_epsilon(dataset_id))  # spent whatever happens next: the steps were taken
         check_training(report.losses)
-        return spent
+        return spent, plan
     finally:
         ledger.close()
 

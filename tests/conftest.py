@@ -110,6 +110,9 @@ def synthetic_site_databases(root: Path, work: Path, n_sites: int, patients: int
     synthesize(SynthRequest(sites=n_sites, patients=patients, seed=seed, out=out, sizes=[patients] * n_sites, workers=1))
     for k in range(1, n_sites + 1):
         shutil.copyfile(out / f"site_{k}.db", root / "data" / f"site_{k}.omop.sqlite")
+    from site_agent.approval import approve_for_sites  # each site approves the study's spec, as an operator would
+
+    approve_for_sites(sorted((root / "sites").glob("site_*.toml")), None, approved_by="tests")
 
 
 def cli_text(res) -> str:

@@ -39,7 +39,7 @@ def test_pyproject_declares_every_run_config_key_the_apps_read() -> None:
     from coordinator.server_app import fit_config_fn
 
     per_round = set(fit_config_fn("h", "t", None)(1))
-    assert per_round == {"server-round", "spec-hash", "training-id", "round-kind"}
+    assert per_round == {"server-round", "spec-hash", "training-id", "round-kind", "code-version"}
     needed = used | (site_reads - per_round)
     assert needed <= set(cfg["config"]), sorted(needed - set(cfg["config"]))
 
@@ -91,6 +91,57 @@ def _params(d: dict[str, np.ndarray]) -> list[np.ndarray]:
 
 def _values(report: dict) -> dict[str, float]:
     return {k: float(v["value"]) for k, v in report["metrics"].items() if isinstance(v, dict) and v.get("value") is not None}
+
+
+def _twin_fairness(report: dict) -> dict[str, object]:
+    """Every subgroup cell of the twin and every number of its fairness summary, flat by path:
+    numbers (value, CI limits, n), ``"suppressed"``/``"<10"`` markers and group names."""
+    out: dict[str, object] = {"decision_threshold": report["decision_threshold"]}
+    for g, row in report["subgroups"].items():
+        out[f"subgroups/{g}/n_patients"] = row["n_patients"]
+        for k, cell in row["metrics"].items():
+            if not k.endswith(".twin"):
+                continue
+            if not isinstance(cell, dict):
+                out[f"subgroups/{g}/{k}"] = cell  # "suppressed"
+                continue
+            for field in ("value", "n_patients", "n_events", "n_non_events", "threshold"):
+                if field in cell:
+                    out[f"subgroups/{g}/{k}/{field}"] = cell[field]
+            out[f"subgroups/{g}/{k}/ci_low"], out[f"subgroups/{g}/{k}/ci_high"] = cell["ci"]
+
+    def walk(node: object, path: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{path}/{k}")
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, f"{path}[{i}]")
+        else:
+            out[path] = node
+
+    walk(report["fairness"], "fairness")
+    return out
+
+
+def _assert_same_fairness(got: dict[str, object], want: dict[str, object]) -> None:
+    """Numbers equal to the relative tolerances of the overall metrics; markers and names
+    identical, so a cell suppressed on one side is suppressed on the other.
+
+    The tolerance is relative to max(1, |x|), not to x alone: CI limits are compared here too,
+    and a limit near a clipped bound (RMSE's lower limit is sqrt(MSE - z se), a difference of
+    nearly equal numbers) magnifies the SecAgg+ encoding's rounding (observed: 3e-5 relative on
+    a lactate RMSE lower limit of 0.036, 1e-6 absolute) - so do the gap CIs built from it. A
+    subgroup's recalibration fit rests on few patients and magnifies it more than the overall
+    one (observed 7e-4 on a subgroup calibration slope), hence 5e-3 there."""
+    assert got.keys() == want.keys(), sorted(got.keys() ^ want.keys())[:10]
+    for k, w in want.items():
+        g = got[k]
+        if isinstance(w, float) and isinstance(g, (int, float)) and not isinstance(g, bool):
+            rel = 5e-3 if "/calibration_" in k else 1e-5
+            assert g == pytest.approx(w, rel=0, abs=rel * max(1.0, abs(w))), k
+        else:
+            assert g == w, k
 
 
 @pytest.mark.slow
@@ -156,7 +207,8 @@ def test_two_secagg_rounds_aggregate_the_weighted_mean_and_sum_the_statistics_wi
     final = json_load(ckpt / "final-evaluation.json")
     layout = federated_layout(spec, "final")
     total = TwinEvaluationStats.from_vector(TwinEvaluationStats.zeros(layout), sum(o["statistics"] for o in sent[ROUNDS + 1]))
-    summed = _values(evaluation_report(total, suppression_threshold=spec.suppression_threshold))
+    summed_report = evaluation_report(total, suppression_threshold=spec.suppression_threshold)
+    summed = _values(summed_report)
     fed = _values(final)
     assert fed.keys() == summed.keys() and len(fed) > 50
     # every site-sum travels rounded to 2^-20 of its unit (fedtwin.federation.secure_sums); the
@@ -173,14 +225,22 @@ def test_two_secagg_rounds_aggregate_the_weighted_mean_and_sum_the_statistics_wi
         site = load_site_config(federation / "sites" / f"site_{k}.toml")
         tests.append(train_test_split(Extractor(open_database(site.data.database), spec).extract())[1])
     twin_only = EvaluationLayout.for_spec(spec, models=("twin",), subgroups=federated_subgroups(spec, "final"))
-    pooled = _values(evaluation_report(evaluate_site(model, type(tests[0]).concat(tests), layout=twin_only,
-                                                     subgroups=federated_subgroups(spec, "final")),
-                                       suppression_threshold=spec.suppression_threshold))
+    pooled_report = evaluation_report(evaluate_site(model, type(tests[0]).concat(tests), layout=twin_only,
+                                                    subgroups=federated_subgroups(spec, "final")),
+                                      suppression_threshold=spec.suppression_threshold)
+    pooled = _values(pooled_report)
     twin_keys = [k for k in fed if k.endswith(".twin")]
     assert len(twin_keys) > 20
     for k in twin_keys:
         rel = 1e-3 if k.startswith("calibration_") else 1e-5
         assert fed[k] == pytest.approx(pooled[k], rel=rel, abs=1e-6), k
+    # ... and so are its per-subgroup cells (suppressed where the pooled ones are) and every number
+    # of its fairness summary: gaps, their CIs and n, equalized odds, at the same threshold
+    fed_fair = _twin_fairness(final)
+    _assert_same_fairness(fed_fair, _twin_fairness(summed_report))
+    _assert_same_fairness(fed_fair, _twin_fairness(pooled_report))
+    assert sum(isinstance(v, float) for k, v in fed_fair.items() if k.startswith("subgroups/")) > 50
+    assert sum(isinstance(v, float) for k, v in fed_fair.items() if k.startswith("fairness/")) > 10
 
     # 3. nothing the coordinator keeps holds one site's vector or one site's metrics
     # (in the evaluation round the sites send back the global model they received: not theirs)

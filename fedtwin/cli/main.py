@@ -37,6 +37,9 @@ def _register() -> None:
     app.add_typer(spec_cmd.app, name="spec")
     from fedtwin.cli import twin_cmd  # (kept apart from the shared import line above)
     app.add_typer(twin_cmd.app, name="twin")
+    from fedtwin.cli import audit_cmd
+
+    app.add_typer(audit_cmd.app, name="audit")
     app.command(name="synth")(synth_cmd.synth)
     for ep in entry_points(group="fedtwin.commands"):
         loaded = ep.load()

@@ -10,7 +10,9 @@ forecast               ``<metric>.<variable>.<step>.<model>``; metric ``rmse``, 
                        ``all`` (pooled over variables) only for ``nll`` and coverage, since
                        errors in different units do not pool
 outcome                ``<metric>.<outcome>.<model>``; ``auroc``, ``auprc``, ``brier``,
-                       ``ece``, ``calibration_slope``, ``calibration_intercept``, ``oe_ratio``
+                       ``ece``, ``calibration_slope``, ``calibration_intercept``, ``oe_ratio``,
+                       ``tpr``, ``fpr`` (at ``report["decision_threshold"]``, also in the
+                       cell as ``threshold``; risk >= threshold is predicted positive)
 what-if effect         ``effect_<metric>.<plan>.<variable>.<step>.<model>``; ``effect_rmse``,
                        ``effect_mae``, ``effect_bias`` (predicted - true effect)
 =====================  =====================================================================
@@ -22,9 +24,16 @@ Examples: ``rmse.map.h03.twin``, ``coverage90.all.all.twin``, ``auroc.death.twin
 A value is ``{"value": v, "ci": [lo, hi], "n_patients": k}`` (outcomes add ``n_events``), or
 the string ``"suppressed"`` when it rests on fewer than the threshold (patients; min(events,
 non-events) for outcomes; min(patients, hits) for coverage), with complementary suppression
-across subgroup partitions (fedtwin.metrics.report). Counts below the threshold show as
+across subgroup partitions (fedtwin.metrics.report). TPR and FPR are shown only when the
+group's events and non-events both reach the threshold too (as event counts: a rate's CI gives
+away its denominator, and the group's size is published). Counts below the threshold show as
 ``"<10"``; a count hidden because it would reveal a small one shows as ``"suppressed"``.
 Subgroups report metrics pooled over the horizon (``<step>`` = ``all``).
+
+``report["fairness"]`` (twin only; fedtwin.metrics.fairness_summary): per family of disjoint
+subgroups, worst group and gap with a MOVER CI of the gap for AUROC, ECE, O/E, forecast RMSE
+and interval coverage (``forecast_coverage_50``/``_90``, from the predictive distributions),
+and the equalized-odds difference at the decision threshold.
 """
 
 from __future__ import annotations
@@ -33,13 +42,15 @@ from typing import Any
 
 from fedtwin.evaluation.layout import EFFECT_SEPARATOR, EvaluationLayout
 from fedtwin.evaluation.stats import TwinEvaluationStats
-from fedtwin.metrics import SUPPRESSED, metrics_report, suppressed_groups
+from fedtwin.metrics import SUPPRESSED, metrics_report, snap_threshold, suppressed_groups
 from fedtwin.privacy.suppression import suppress_count
 
 FORMAT = "fedtwin-twin-evaluation/1"
 POINT_METRICS = ("rmse", "mae", "bias")
 DIST_METRICS = {"nll": "nll", "coverage_50": "coverage50", "coverage_90": "coverage90"}
 OUTCOME_METRICS = ("auroc", "auprc", "brier", "ece", "calibration_slope", "calibration_intercept", "oe_ratio")
+RATE_METRICS = ("tpr", "fpr")  # at the report's decision threshold: ``tpr@<t>`` in fedtwin.metrics
+DECISION_THRESHOLD = 0.5
 
 
 def step_label(k: int | str, horizon: int) -> str:
@@ -61,6 +72,17 @@ def _cell(cell: Any, outcome: bool = False) -> Any:
     out: dict[str, Any] = {"value": cell["value"], "ci": cell["ci"], "n_patients": cell["n_patients"]}
     if outcome and "n_events" in cell:
         out["n_events"] = cell["n_events"]
+    return out
+
+
+def _rate_cell(cell: Any) -> Any:
+    """TPR (``n_events`` = its denominator) or FPR (``n_non_events``), with the threshold used."""
+    if not isinstance(cell, dict):
+        return cell
+    out = _cell(cell, outcome=True)
+    if "n_non_events" in cell:
+        out["n_non_events"] = cell["n_non_events"]
+    out["threshold"] = cell["threshold"]
     return out
 
 
@@ -88,6 +110,10 @@ def _flatten(layout: EvaluationLayout, model: str, point: dict[str, Any], dist: 
         for m in OUTCOME_METRICS:
             if m in metrics:
                 out[metric_key(m, outcome, model=model)] = _cell(metrics[m], outcome=True)
+        for m in RATE_METRICS:
+            at = [k for k in metrics if k.startswith(f"{m}@")]
+            if len(at) == 1:  # one decision threshold per report
+                out[metric_key(m, outcome, model=model)] = _rate_cell(metrics[at[0]])
     for name, steps in point.get("effect", {}).items():
         if EFFECT_SEPARATOR not in name:
             continue  # pooled over plans and variables: mixes units
@@ -120,26 +146,33 @@ def evaluation_report(
     level: float = 0.95,
     subgroups: bool = True,
     cells: bool = True,
+    decision_threshold: float = DECISION_THRESHOLD,
 ) -> dict[str, Any]:
     """The JSON-ready report of (summed) evaluation statistics; see the module docstring.
 
     ``suppression_threshold`` normally comes from the spec (``TwinSpec.suppression_threshold``).
-    ``cells=False`` omits the per-step forecast and effect metrics.
+    ``cells=False`` omits the per-step forecast and effect metrics. ``decision_threshold``: the
+    risk at which TPR, FPR and equalized odds are reported, snapped to a score-bin edge (the
+    edge used is ``report["decision_threshold"]``).
     """
     layout = stats.layout
     thr = suppression_threshold
     metrics: dict[str, Any] = {}
     per_group: dict[str, dict[str, Any]] = {g: {} for g in layout.subgroup_names}
     fairness: dict[str, Any] = {}
+    kw: dict[str, Any] = dict(suppression_threshold=thr, level=level, rates_need_both_classes=True)
+    used = snap_threshold(decision_threshold, stats.models[0].point.layout.n_score_bins)[1]
     for name, ms in zip(layout.models, stats.models):
-        p = metrics_report(ms.point, suppression_threshold=thr, level=level)
-        d = metrics_report(ms.dist, suppression_threshold=thr, level=level)
+        p = metrics_report(ms.point, thresholds=(decision_threshold,), **kw)
+        d = metrics_report(ms.dist, thresholds=(decision_threshold,), **kw)
         metrics.update(_flatten(layout, name, p["overall"], d["overall"], cells=cells))
         if subgroups:
             for g in layout.subgroup_names:
                 per_group[g].update(_flatten(layout, name, p["subgroups"].get(g, {}), d["subgroups"].get(g, {}), cells=False))
         if name == "twin":
-            fairness = p["fairness"]
+            # outcomes and RMSE from the point predictions; coverage from the predictive distribution
+            fairness = {k: v for k, v in p["fairness"].items() if not k.startswith("forecast_coverage_")}
+            fairness.update({k: v for k, v in d["fairness"].items() if k.startswith("forecast_coverage_")})
     n = int(round(float(stats.counts.patients)))
     events = {}
     for o, e in zip(layout.outcome_names, stats.counts.events):
@@ -156,6 +189,7 @@ def evaluation_report(
         "horizon": layout.horizon,
         "suppression": {"threshold": thr, "metric_marker": SUPPRESSED, "count_marker": f"<{thr}"},
         "ci_level": level,
+        "decision_threshold": used,
         "cohort": {
             "n_patients": suppress_count(n, thr),
             "n_with_ground_truth": suppress_count(int(round(float(stats.counts.with_truth))), thr) if layout.plans else None,

@@ -4,7 +4,8 @@ Three kinds of file, all written by ``fedtwin consortium init`` and meant to be 
 edited) by people:
 
 * ``sites/site_<k>.toml`` (:class:`SiteConfig`): what one hospital's SuperNode and ClientApp need:
-  the site's name, its OMOP database, the twin spec, its privacy budget and ledger, its keys,
+  the site's name, its OMOP database, the twin spec, its privacy budget and ledger, its allow-list
+  of approved studies (optional ``[approval]``, :mod:`site_agent.approval`), its keys,
   the suppression threshold, and whom to trust (the consortium CA, the coordinator's signing key,
   the SuperLink address). The ClientApp finds it through the SuperNode's node config
   ``site-config="<path>"``.
@@ -108,6 +109,23 @@ class SiteAudit(_Strict):
             "statistics before encoding): the site's own record, never sent anywhere; unset = no copy"
         ),
     )
+    provenance_log: Path | None = Field(
+        default=None,
+        description=(
+            "the site's append-only provenance log (its signed manifests and the coordinator's records of the rounds it "
+            "took part in); unset = <site name>.provenance-log.jsonl beside the privacy ledger"
+        ),
+    )
+
+
+class SiteApproval(_Strict):
+    allow_list: Path | None = Field(
+        default=None,
+        description=(
+            "the site's allow-list of approved (twin spec hash, FedTwin code version) pairs, JSON written by "
+            "`fedtwin site approve`; unset = <site name>.approvals.json beside the privacy ledger"
+        ),
+    )
 
 
 class SiteConfig(_Strict):
@@ -118,6 +136,16 @@ class SiteConfig(_Strict):
     trust: SiteTrust
     supernode: SiteSuperNode
     audit: SiteAudit = SiteAudit()
+    approval: SiteApproval | None = None  # None (no [approval] table): the default allow-list path
+
+    def allow_list_path(self) -> Path:
+        """The site's allow-list file: ``[approval] allow_list``, else ``<site name>.approvals.json`` beside the ledger.
+
+        Named after the site because a local consortium keeps every site's ledger in one ``privacy/`` folder.
+        """
+        if self.approval is not None and self.approval.allow_list is not None:
+            return self.approval.allow_list
+        return self.privacy.ledger.parent / f"{self.site.name}.approvals.json"
 
 
 # -------------------------------------------------------------------------------------- study

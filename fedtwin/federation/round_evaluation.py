@@ -17,6 +17,8 @@ The coordinator never sees a site's statistics, only their sum over the sites of
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from typing import Any, Literal
 
 import numpy as np
@@ -76,4 +78,64 @@ def headline_metrics(report: dict[str, Any], model: str = "twin") -> dict[str, f
     n = report.get("cohort", {}).get("n_patients")
     if isinstance(n, (int, float)):
         out["n_patients"] = float(n)
+    return out
+
+
+#: Names of ``fairness_headline``: inside both the round record's metric-name rule
+#: (``^[A-Za-z0-9][A-Za-z0-9_.:/@+\-]{0,199}$``, fedtwin.provenance) and MLflow's (alphanumerics,
+#: ``_ - . / :`` and spaces: no ``@``, no ``+``), with room for the coordinator's ``fair.`` prefix.
+FAIR_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_./\-]{0,194}$")
+#: report["fairness"] block -> headline prefix, for the per-outcome and per-variable gaps
+_FAIR_GAPS = {"auroc": "auroc_gap", "ece": "ece_gap", "oe_ratio": "oe_ratio_gap", "forecast_rmse": "rmse_gap"}
+
+
+def _part(name: str) -> str:
+    """A name part safe for a metric key: ``sex&age -> sex-age``, anything else odd -> ``_``."""
+    return re.sub(r"[^A-Za-z0-9_\-]", "_", str(name).replace("&", "-"))
+
+
+def fairness_headline(report: dict[str, Any]) -> dict[str, float]:
+    """Gaps and differences of the twin's fairness summary, flat and finite, for a line per round.
+
+    Names (``<family>`` = ``sex``, ``age``, ``race``, ``sex-age``, ... or ``any``: ``&`` becomes
+    ``-``; ``<t>`` the report's decision threshold, e.g. ``thr0.5``):
+    ``auroc_gap.<outcome>.<family>``, ``ece_gap.<outcome>.<family>``,
+    ``oe_ratio_gap.<outcome>.<family>``, ``eod.<outcome>.<family>.<t>`` (equalized-odds
+    difference), ``tpr_gap.<outcome>.<family>.<t>``, ``fpr_gap.<outcome>.<family>.<t>``,
+    ``rmse_gap.<variable>.<family>``, ``coverage<L>_gap.<variable | all>.<family>``; each with
+    ``.ci_low``/``.ci_high`` where its CI exists. Only differences between shown groups
+    (suppressed groups never enter a gap, fedtwin.metrics.fairness) - never one group's own
+    value or n. (No ``@``/``+`` in the names: MLflow refuses them.)
+    """
+    fair = report.get("fairness") or {}
+    out: dict[str, float] = {}
+
+    def put(name: str, value: Any, ci: Any) -> None:
+        if not isinstance(value, (int, float)) or not math.isfinite(float(value)) or not FAIR_NAME.match(name + ".ci_high"):
+            return
+        out[name] = float(value)
+        if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(isinstance(c, (int, float)) and math.isfinite(float(c)) for c in ci):
+            out[name + ".ci_low"], out[name + ".ci_high"] = float(ci[0]), float(ci[1])
+
+    def gaps(prefix: str, block: Any, suffix: str = "") -> None:
+        for target, per_family in (block or {}).items():
+            for family, g in (per_family or {}).items():
+                if isinstance(g, dict):
+                    put(f"{prefix}.{_part(target)}.{_part(family)}{suffix}", g.get("gap"), g.get("gap_ci"))
+
+    for block, prefix in _FAIR_GAPS.items():
+        gaps(prefix, fair.get(block))
+    for block, per_var in fair.items():
+        if block.startswith("forecast_coverage_"):
+            gaps(f"coverage{_part(block[len('forecast_coverage_'):])}_gap", per_var)
+    for outcome, per_t in (fair.get("equalized_odds") or {}).items():
+        for t, per_family in (per_t or {}).items():
+            for family, eo in (per_family or {}).items():
+                if not isinstance(eo, dict):
+                    continue
+                at = "thr" + (t if re.fullmatch(r"[0-9][0-9.]*", t) else _part(t))  # "thr0.5"
+                stem = f"{_part(outcome)}.{_part(family)}.{at}"
+                put(f"eod.{stem}", eo.get("difference"), eo.get("difference_ci"))
+                put(f"tpr_gap.{stem}", eo.get("tpr_gap"), eo.get("tpr_gap_ci"))
+                put(f"fpr_gap.{stem}", eo.get("fpr_gap"), eo.get("fpr_gap_ci"))
     return out

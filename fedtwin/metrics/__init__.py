@@ -39,9 +39,11 @@ from fedtwin.metrics.effect import EffectInputs, EffectStats, effect_metrics
 from fedtwin.metrics.evaluation import EvaluationStats, vector_size
 from fedtwin.metrics.fairness import (
     SUPPRESSED,
+    disclosure_count,
     equalized_odds,
     fairness_summary,
     group_gap,
+    mover_difference,
     subgroup_metrics,
     suppress_table,
     suppressed_groups,
@@ -104,6 +106,7 @@ __all__ = [
     "chisq_rmse_interval",
     "clustered_mean",
     "delong_se_from_histograms",
+    "disclosure_count",
     "ece",
     "effect_metrics",
     "equalized_odds",
@@ -115,6 +118,7 @@ __all__ = [
     "hanley_mcneil_se",
     "logit_interval",
     "metrics_report",
+    "mover_difference",
     "nest",
     "normal_interval",
     "oe_interval",

@@ -97,6 +97,8 @@ def fit_recalibration(
     args = (fixed_slope, xbar, n_, ss, sy, syx)
     value, grad, hess = _objective(theta, *args)
     for it in range(1, max_iter + 1):
+        if not (np.all(np.isfinite(grad)) and np.all(np.isfinite(hess))):
+            return nan_fit  # degenerate (e.g. a handful of separated patients in a small subgroup)
         damping = 0.0
         while True:  # Levenberg damping until the Hessian is positive definite
             try:
@@ -104,14 +106,21 @@ def fit_recalibration(
                 break
             except np.linalg.LinAlgError:
                 damping = max(1e-6, damping * 10) if damping else 1e-6 * (1 + np.abs(hess).max())
-        step = np.linalg.solve(hess + damping * np.eye(dim), grad)
+        try:
+            step = np.linalg.solve(hess + damping * np.eye(dim), grad)
+        except np.linalg.LinAlgError:
+            return nan_fit  # the curvature vanished: the fit runs away (separation)
         scale = 1.0
+        accepted = False
         while scale > 1e-8:  # backtracking line search
             cand = theta - scale * step
             cv, cg, ch = _objective(cand, *args)
             if np.isfinite(cv) and cv <= value + 1e-12 * abs(value):
+                accepted = True
                 break
             scale /= 2
+        if not accepted:
+            break  # no descent step left: stop here (``converged`` below says whether it is a fit)
         theta, value, grad, hess = cand, cv, cg, ch
         if np.max(np.abs(theta)) > 1e3:
             return nan_fit

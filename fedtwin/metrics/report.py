@@ -10,7 +10,14 @@ from __future__ import annotations
 from typing import Any, Literal, Mapping, Sequence
 
 from fedtwin.metrics.evaluation import EvaluationStats
-from fedtwin.metrics.fairness import SUPPRESSED, Cell, fairness_summary, subgroup_metrics, suppress_table
+from fedtwin.metrics.fairness import (
+    SUPPRESSED,
+    Cell,
+    disclosure_count,
+    fairness_summary,
+    subgroup_metrics,
+    suppress_table,
+)
 from fedtwin.metrics.forecast import MetricKey
 from fedtwin.metrics.group import group_metrics
 from fedtwin.metrics.result import MetricResult
@@ -29,10 +36,14 @@ def nest(flat: Mapping[MetricKey, Cell]) -> dict[str, Any]:
 
 
 def suppress_overall(
-    metrics: Mapping[MetricKey, MetricResult], threshold: int = DEFAULT_THRESHOLD
+    metrics: Mapping[MetricKey, MetricResult], threshold: int = DEFAULT_THRESHOLD, *, rates_need_both_classes: bool = False
 ) -> dict[MetricKey, Cell]:
     """Whole-cohort metrics with every value resting on fewer than ``threshold`` replaced."""
-    return {k: (SUPPRESSED if r.disclosure_count < threshold else r) for k, r in metrics.items()}
+    both = rates_need_both_classes
+    return {
+        k: (SUPPRESSED if disclosure_count(metrics, k, rates_need_both_classes=both) < threshold else r)
+        for k, r in metrics.items()
+    }
 
 
 def metrics_report(
@@ -45,26 +56,34 @@ def metrics_report(
     subgroup_cells: bool = False,
     rmse_method: Literal["normal", "chisq"] = "normal",
     auroc_method: Literal["hanley_mcneil", "delong"] = "hanley_mcneil",
+    rates_need_both_classes: bool = False,
 ) -> dict[str, Any]:
     """Everything a coordinator publishes about model performance, ready for ``json.dumps``.
 
     ``thresholds`` are decision thresholds for TPR/FPR (snapped to score-bin edges).
     ``subgroup_cells`` adds per-step forecast metrics for subgroups (large; off by default).
+    ``rates_need_both_classes`` shows TPR/FPR only where events and non-events both reach the
+    threshold (rule 4 of :mod:`fedtwin.metrics.fairness`; the evaluation report turns it on
+    because it publishes group sizes beside them).
     """
     if suppression_threshold < 1:
         raise ValueError(f"suppression threshold must be >= 1, got {suppression_threshold}")
     layout = stats.layout
     kw = dict(level=level, rmse_method=rmse_method, auroc_method=auroc_method, thresholds=thresholds)
     overall_raw = group_metrics(stats.overall, cells=True, **kw)  # type: ignore[arg-type]
-    overall = suppress_overall(overall_raw, suppression_threshold)
+    both = rates_need_both_classes
+    overall = suppress_overall(overall_raw, suppression_threshold, rates_need_both_classes=both)
     raw = subgroup_metrics(stats.subgroups, cells=subgroup_cells, **kw)  # type: ignore[arg-type]
     published_overall = {k: r for k, r in overall_raw.items() if isinstance(overall[k], MetricResult)}
-    table = suppress_table(raw, suppression_threshold, overall=published_overall, complementary=complementary)
+    table = suppress_table(
+        raw, suppression_threshold, overall=published_overall, complementary=complementary, rates_need_both_classes=both
+    )
     return {
         "layout_fingerprint": layout.fingerprint(),
         "suppression": {
             "threshold": suppression_threshold,
             "complementary": complementary,
+            "rates_need_both_classes": both,
             "marker": SUPPRESSED,
         },
         "ci_level": level,

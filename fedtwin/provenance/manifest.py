@@ -24,6 +24,8 @@ from fedtwin.provenance.signing import SignedDocument, signature_valid
 MANIFEST_TYPE = "fedtwin.site-manifest"
 MANIFEST_FORMAT = 1
 MAX_MANIFEST_JSON_BYTES = 2048
+MANIFEST_METRIC = "provenance-manifest"  # the fit metric a site sends its manifest JSON in
+PREVIOUS_RECORD_CONFIG = "provenance-previous-record"  # the fit config the coordinator sends the last record in
 
 
 @dataclass(frozen=True)

@@ -110,33 +110,53 @@ class RoundTracker:
         except Exception as exc:  # noqa: BLE001 - any MLflow failure here means "the store is unusable"
             raise TrackingError(f"MLflow store {uri} cannot be used: {type(exc).__name__}: {exc}") from exc
 
-    def log_round(self, server_round: int, sites: int, seconds: float, halted: bool, epsilon: dict[str, float]) -> None:
+    def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        """Metrics at ``step`` (batches of at most 900: MLflow takes 1000 per call)."""
         import time
 
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        metrics = [
-            Metric("sites", float(sites), ts, int(server_round)),
-            Metric("round_seconds", float(seconds), ts, int(server_round)),
-            Metric("halted", 1.0 if halted else 0.0, ts, int(server_round)),
-        ]
-        metrics += [Metric(f"epsilon_spent.{site}", float(eps), ts, int(server_round)) for site, eps in sorted(epsilon.items())]
-        self.client.log_batch(self.run_id, metrics=metrics)
+        batch = [Metric(k, float(v), ts, int(step)) for k, v in sorted(metrics.items())]
+        for i in range(0, len(batch), 900):
+            self.client.log_batch(self.run_id, metrics=batch[i:i + 900])
 
-    def log_evaluation(self, step: int, report: dict[str, Any], name: str) -> None:
+    def log_round(self, server_round: int, sites: int, seconds: float, halted: bool, epsilon: dict[str, float]) -> dict[str, float]:
+        """The round's metrics at step ``server_round``; returns what was logged (the round record holds the same)."""
+        metrics = round_metrics(sites, seconds, halted, epsilon)
+        self.log_metrics(server_round, metrics)
+        return metrics
+
+    def log_evaluation(self, step: int, report: dict[str, Any], name: str) -> dict[str, float]:
         """Headline metrics of an evaluation report at ``step``, and the report as a JSON artifact."""
-        import time
-
-        from mlflow.entities import Metric
-
-        from fedtwin.federation.round_evaluation import headline_metrics
-
-        ts = int(time.time() * 1000)
-        metrics = [Metric(f"eval.{k}", float(v), ts, int(step)) for k, v in sorted(headline_metrics(report).items())]
-        for i in range(0, len(metrics), 900):  # MLflow takes at most 1000 metrics per batch
-            self.client.log_batch(self.run_id, metrics=metrics[i:i + 900])
+        metrics = evaluation_metrics(report)
+        self.log_metrics(step, metrics)
         self.client.log_dict(self.run_id, report, f"evaluation/{name}.json")
+        return metrics
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_file(self, path: Path, artifact_dir: str) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_dir)
 
     def close(self, failed: bool = False) -> None:
         self.client.set_terminated(self.run_id, status="FAILED" if failed else "FINISHED")
+
+
+def round_metrics(sites: int, seconds: float, halted: bool, epsilon: dict[str, float]) -> dict[str, float]:
+    """``sites``, ``round_seconds``, ``halted`` (0/1), ``epsilon_spent.<site>``: one round's line in MLflow."""
+    out = {"sites": float(sites), "round_seconds": float(seconds), "halted": 1.0 if halted else 0.0}
+    out.update({f"epsilon_spent.{site}": float(eps) for site, eps in sorted(epsilon.items())})
+    return out
+
+
+def evaluation_metrics(report: dict[str, Any]) -> dict[str, float]:
+    """``eval.<headline metric>`` and ``fair.<gap>`` of a (suppressed) evaluation report."""
+    from fedtwin.federation import round_evaluation as ev
+
+    out = {f"eval.{k}": float(v) for k, v in ev.headline_metrics(report).items()}
+    fairness = getattr(ev, "fairness_headline", None)
+    if fairness is not None:
+        out.update({f"fair.{k}": float(v) for k, v in fairness(report).items()})
+    return out

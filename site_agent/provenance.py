@@ -1,0 +1,139 @@
+"""The site's half of provenance: sign a manifest each round, keep what it took part in.
+
+Each round the site signs a :class:`~fedtwin.provenance.SiteManifest` (study, round, spec hash,
+code version, a fingerprint of its *suppressed* cohort summary, the hash of its data-quality
+report, its DP parameters and composed epsilon, the digest of the global model it received, and a
+coarse :class:`~fedtwin.provenance.DataSource`) and sends it as a plaintext fit metric. It appends
+the manifest to its own append-only :class:`~fedtwin.provenance.ProvenanceLog`, and, when the
+coordinator hands it the previous round's signed record (next round's fit config), checks that
+record's coordinator signature and that it holds the site's own manifest unchanged before
+appending it too: that log is how a site later proves what it took part in, without trusting
+the coordinator's copy.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+LOG_SUFFIX = ".provenance-log.jsonl"
+
+
+def site_log_path(site) -> Path:  # noqa: ANN001 - a SiteConfig
+    """``[audit] provenance_log``, else ``<site>.provenance-log.jsonl`` beside the site's privacy ledger."""
+    if site.audit.provenance_log:
+        return Path(site.audit.provenance_log)
+    return Path(site.privacy.ledger).with_name(site.site.name + LOG_SUFFIX)
+
+
+def cdm_version(db) -> str:  # noqa: ANN001 - an OmopDatabase
+    """``cdm_source.cdm_version`` as ``5.4``-style text, ``unknown`` when the table or row is absent."""
+    import re
+
+    from sqlalchemy import text
+    from sqlalchemy.exc import SQLAlchemyError
+
+    table = f"{db.cdm_schema}.cdm_source" if db.cdm_schema else "cdm_source"
+    try:
+        with db.engine.connect() as conn:
+            row = conn.execute(text(f"SELECT cdm_version FROM {table}")).first()  # noqa: S608 - schema from the site's config
+    except SQLAlchemyError:
+        return "unknown"
+    m = re.search(r"(\d+)\.(\d+)", str(row[0])) if row and row[0] else None
+    return f"{m.group(1)}.{m.group(2)}" if m else "unknown"
+
+
+def data_source(cohort, db, threshold: int, count_step: int):  # noqa: ANN001
+    """The coarse data source of a cohort: months of the first and last index date, a rounded count."""
+    import numpy as np
+
+    from fedtwin.provenance import DataSource
+
+    n = int(cohort.n_patients)
+    if n < threshold:
+        return DataSource(cdm_version=cdm_version(db), period_start=None, period_end=None, n_patients=f"<{threshold}")
+    epochs = np.asarray(cohort.index_epoch, dtype=float)
+    epochs = epochs[np.isfinite(epochs)]
+
+    def month(t: float) -> str:
+        return datetime.fromtimestamp(float(t), tz=timezone.utc).strftime("%Y-%m")
+
+    start, end = (month(epochs.min()), month(epochs.max())) if epochs.size else (None, None)
+    return DataSource(cdm_version=cdm_version(db), period_start=start, period_end=end,
+                      n_patients=max(count_step, (n // count_step) * count_step))
+
+
+def sign_manifest(
+    site,  # noqa: ANN001 - a SiteConfig
+    *,
+    study_id: str,
+    server_round: int,
+    spec_hash: str,
+    summary: dict[str, Any],
+    quality_report_hash: str,
+    dp_plan: Any | None,
+    epsilon_spent: float,
+    received: list,
+    source,  # noqa: ANN001 - a DataSource
+):
+    """The site's signed manifest for this round (see the module docstring)."""
+    from fedtwin.code_version import code_version
+    from fedtwin.provenance import DPParameters, SiteManifest, cohort_fingerprint, load_signing_key, parameters_digest
+
+    manifest = SiteManifest(
+        study_id=study_id,
+        round=server_round,
+        site=site.site.name,
+        spec_hash=spec_hash,
+        code_version=code_version(),
+        cohort_fingerprint=cohort_fingerprint(summary),
+        quality_report_hash=quality_report_hash,
+        dp=None if dp_plan is None else DPParameters.from_settings(dp_plan),
+        epsilon_spent=float(epsilon_spent),
+        start_parameters_hash=parameters_digest(received),
+        data_source=source,
+    )
+    return manifest.sign(load_signing_key(site.keys.signing_private_key))
+
+
+def keep_in_log(site, manifest, previous_record_json: str | None) -> None:  # noqa: ANN001
+    """Append the coordinator's previous record (after checking it) and this round's manifest."""
+    from fedtwin.provenance import ProvenanceLog
+
+    log = ProvenanceLog.open(site_log_path(site))
+    if previous_record_json:
+        record = checked_record(site, previous_record_json, log)
+        if record is not None:
+            log.append_record(record)
+    log.append_manifest(manifest)
+
+
+def checked_record(site, text: str, log):  # noqa: ANN001
+    """The coordinator's record of an earlier round, if it is signed by the coordinator and holds
+    this site's manifest exactly as the site logged it; None if it is already in the log.
+
+    The site cannot check other sites' manifests (it does not hold their keys); it checks what is
+    its own business: the coordinator's signature, and that its own statement was not altered.
+    """
+    from fedtwin.errors import FedTwinError
+    from fedtwin.provenance import RoundRecord, load_verify_key, signature_valid
+
+    record = RoundRecord.from_json(text)
+    if any(r.record_hash() == record.record_hash() for r in log.round_records()):
+        return None
+    key = load_verify_key(site.trust.coordinator_signing_public_key, site.trust.coordinator_name)
+    if record.signature is None or record.key_id != key.key_id or not signature_valid(key, record.payload(), record.signature):
+        raise FedTwinError(
+            f"the coordinator's record of round {record.round} is not signed by the coordinator's key {key.key_id}",
+            "the site refuses to go on: check trust.coordinator_signing_public_key, or ask the coordinator why",
+        )
+    mine = [m for m in record.manifests if m.site == site.site.name]
+    logged = {(m.round, m.digest()) for m in log.manifests() if m.site == site.site.name}
+    for m in mine:
+        if (m.round, m.digest()) not in logged:
+            raise FedTwinError(
+                f"the coordinator's record of round {record.round} holds a manifest of {site.site.name} that this site never signed",
+                "the site refuses to go on: the record was altered; keep the site's provenance log as evidence",
+            )
+    return record
