@@ -48,6 +48,8 @@ class DemoResult:
     metrics: Any = None  # demo_summary.RunMetrics
     ledgers: list = field(default_factory=list)
     comparison: Any = None  # demo_compare.Comparison
+    audit: Any = None  # fedtwin.audit.AuditReport of the run
+    keys_dir: Path | None = None  # the consortium's public signing keys (what the audit trusts)
     seconds: float = 0.0
 
 
@@ -171,6 +173,13 @@ def run_demo(opts: DemoOptions, console) -> DemoResult:  # noqa: ANN001 - rich C
             bar.advance(task)
     result.comparison = cmp
     result.ledgers = demo_summary.read_ledgers(site_cfgs)
+    if run_id:  # the auditor's view: is the run's signed evidence intact?
+        from fedtwin.audit import verify_run
+        from fedtwin.provenance import KeyRing
+
+        with console.status("audit: verifying signatures, hash chain, registered model, model card and metrics"):
+            result.audit = verify_run(paths.tracking_uri, run_id, KeyRing.from_dir(root / "keys" / "signing"))
+        result.keys_dir = root / "keys" / "signing"
     result.seconds = time.monotonic() - t0
     demo_summary.print_summary(console, result, federated_ledgers)
     return result

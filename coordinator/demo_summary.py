@@ -64,7 +64,7 @@ def choose_columns(keys: list[str], limit: int = MAX_ROWS) -> tuple[list[str], l
         low = k.lower()
         pos = next((i for i, h in enumerate(HEADLINE) if h in low), len(HEADLINE))
         bound = 1 if low.endswith((".ci_low", ".ci_high")) else 0
-        site_level = 1 if low.startswith("epsilon_spent.") else 0
+        site_level = 1 if low.startswith(("epsilon_spent.", "fair.")) else 0  # gaps: in the card, not this table
         return (bound, site_level, pos, k)
 
     ordered = sorted(candidates, key=rank)
@@ -214,5 +214,23 @@ def print_summary(console, result, federated_ledgers: list) -> None:  # noqa: AN
         "recorded in the same ledger; lower RMSE and higher AUROC are better; 'suppressed' = too few patients or events to show.",
         highlight=False,
     )
+    print_audit(console, result)
     console.print(f"done in {result.seconds:.0f} s. Open the MLflow run:\n  {escape(mlflow_ui_command(result.tracking_uri))}",
+                  highlight=False, soft_wrap=True)
+
+
+def print_audit(console, result) -> None:  # noqa: ANN001
+    """One line per audit check, then the commands an auditor runs by hand."""
+    from rich.markup import escape
+
+    audit = result.audit
+    if audit is None:
+        return
+    for c in audit.checks:
+        mark = "[green]ok[/]" if c.ok else f"[red]FAILED[/] {escape('; '.join(c.problems[:3]))}"
+        console.print(f"audit {c.name}: {mark} ({escape(c.detail)})", highlight=False, soft_wrap=True)
+    base = f"fedtwin audit {{}} --tracking-uri {result.tracking_uri} --run-id {audit.run_id}"
+    console.print("verify it yourself, and read the model card:\n"
+                  f"  {escape(base.format('verify'))} --keys {escape(str(result.keys_dir))}\n"
+                  f"  {escape(base.format('card'))} --format html > model-card.html",
                   highlight=False, soft_wrap=True)

@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 CARD_DIR = "card"
+PLOT_DIR = "plots"
 
 
 def registered_model_name(study_id: str) -> str:
@@ -49,8 +50,26 @@ def publish(tracker, keeper, final_arrays: list, best_round: int | None, ckpt_di
             files[name].parent.mkdir(exist_ok=True)
             files[name].write_text(texts[fmt], encoding="utf-8")
             tracker.log_file(files[name], CARD_DIR)
+        _log_plots(tracker, card, evidence, work / PLOT_DIR)
         info = register_twin(
             tracker.uri, tracker.run_id, keeper.documents["spec"], final_arrays,
             model_name=registered_model_name(keeper.study_id), card_files=files, study_id=keeper.study_id,
         )
     return f"{info.name}/{info.version}"
+
+
+def _log_plots(tracker, card: dict, evidence, folder: Path) -> None:
+    """The card's figures as PNG artifacts too (``plots/``), for people who browse MLflow's artifact view."""
+    from fedtwin.card import plots
+
+    folder.mkdir(parents=True, exist_ok=True)
+    figures = {
+        "metrics-per-round.png": plots.rounds_figure(evidence),
+        "calibration.png": plots.calibration_figure(card),
+        "subgroup-metrics.png": plots.subgroup_figure(card),
+        "epsilon-per-site.png": plots.epsilon_figure(evidence),
+    }
+    for name, png in figures.items():
+        if png is not None:
+            (folder / name).write_bytes(png)
+            tracker.log_file(folder / name, PLOT_DIR)

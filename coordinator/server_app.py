@@ -382,6 +382,16 @@ def _release(tracker, keeper, log: RoundLog, strategy, rounds: int, ckpt_dir: st
           f"mlflow_run={tracker.run_id}", flush=True)
 
 
+def _log_dp_params(tracker, manifests: list) -> None:
+    """Each site's DP settings as params (``dp.<site>.*``), once: the noise is calibrated once per training."""
+    have = tracker.client.get_run(tracker.run_id).data.params
+    for m in manifests:
+        if m.dp is None or f"dp.{m.site}.noise_multiplier" in have:
+            continue
+        for k in ("noise_multiplier", "sample_rate", "max_grad_norm", "delta", "accountant"):
+            tracker.client.log_param(tracker.run_id, f"dp.{m.site}.{k}", getattr(m.dp, k))
+
+
 def _log_attachments(tracker, keeper) -> None:
     """The spec and study documents the records vouch for, and where the trusted public keys are."""
     tracker.client.set_tag(tracker.run_id, "fedtwin.trusted_keys", str(keeper.trusted_keys))
@@ -446,6 +456,7 @@ def main(grid, context) -> None:
     tracker = None
     uri = str(cfg.get("mlflow-tracking-uri", "")).strip()
     if uri:
+        from fedtwin.code_version import code_version
         from fedtwin.tracking.run_tracker import RoundTracker
 
         study = str(cfg.get("study-id", "")).strip() or "fedtwin"
@@ -455,6 +466,7 @@ def main(grid, context) -> None:
             "dp.epsilon_per_site": cfg.get("epsilon-per-site", ""), "dp.max_grad_norm": cfg.get("max-grad-norm", ""),
             "dp.batch_size": cfg.get("batch-size", ""), "local_epochs": cfg.get("local-epochs", ""),
             "learning_rate": cfg.get("learning-rate", ""),
+            "code_version": code_version(),
         }
         if bool(cfg["secagg"]):
             for k in ("num-shares", "reconstruction-threshold", "clipping-range", "max-weight", "secagg-timeout",
@@ -497,6 +509,8 @@ def main(grid, context) -> None:
                 report=report,
             )
             print(f"FEDTWIN provenance round={r} record={rec.record_hash()[:16]} status={rec.status}", flush=True)
+            if tracker is not None and completed and not final:
+                _track(lambda: _log_dp_params(tracker, log.manifests.get(r, [])), r)
             if tracker is not None and path is not None:
                 _track(lambda: tracker.log_file(path, "provenance"), r)
         if final:

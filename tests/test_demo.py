@@ -99,6 +99,16 @@ def test_demo_runs_the_federation_end_to_end(tmp_path: Path) -> None:
     assert f"ui --backend-store-uri {uri}" in text
     assert (out / "local-only").is_dir() and list((out / "local-only").glob("site_*/model.pt"))
 
+    # governance: the card and the registered twin are in MLflow, and the demo's own audit passed
+    run_id = runs[0].info.run_id
+    arts = {a.path for a in client.list_artifacts(run_id, "card")}
+    assert arts == {"card/model-card.json", "card/model-card.md", "card/model-card.html"}, arts
+    (version,) = client.search_model_versions(f"run_id = '{run_id}'")
+    assert version.name == f"fedtwin-{STUDY_ID}"
+    for check in ("chain", "attachments", "model", "card", "metrics"):
+        assert f"audit {check}: ok" in text, text
+    assert f"fedtwin audit verify --tracking-uri {uri} --run-id {run_id}" in text
+
     # a second run into the same folder is refused (it is a previous demo: --force would replace it)
     again = _invoke("--out", str(out), "--patients", "150", "--rounds", str(ROUNDS))
     assert again.exit_code == 2 and "already holds a previous FedTwin demo" in cli_text(again) and "--force" in cli_text(again)
