@@ -242,7 +242,7 @@ def _registered_card_problems(arts: RunArtifacts, versions: list[Any], expected:
 
 def _first_difference(a: str, b: str) -> str:
     n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-    return f"first difference at character {n}: {a[max(0, n - 30):n + 30]!r} vs {b[max(0, n - 30):n + 30]!r}"
+    return f"first difference at character {n}: stored {a[max(0, n - 30):n + 30]!r}, rebuilt {b[max(0, n - 30):n + 30]!r}"
 
 
 # ----------------------------------------------------------------------------------- metrics
@@ -263,14 +263,19 @@ def _check_metrics(arts: RunArtifacts) -> CheckResult:
     for key in sorted(client.get_run(arts.run_id).data.metrics):
         for m in client.get_metric_history(arts.run_id, key):
             logged.setdefault((key, int(m.step)), []).append(float(m.value))
+    orphans: dict[int, list[str]] = {}  # step -> keys logged there that no record covers
     for (key, step), values in sorted(logged.items()):
         want = expected.get((key, step))
         if want is None:
-            res.problems.append(f"MLflow metric {key} at step {step} = {values[0]!r} is in no round record")
+            orphans.setdefault(step, []).append(key)
             continue
         for v in values:
             if not any(_same(v, w) for w in want):
                 res.problems.append(f"MLflow metric {key} at step {step} = {v!r}, but the round record says {sorted(want)[0]!r}")
+    for step, keys in sorted(orphans.items()):
+        shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+        res.problems.append(f"{len(keys)} MLflow metric(s) at step {step} are in no round record ({shown}): "
+                            "a record is missing, or the metrics were logged after the fact")
     missing = sorted(set(expected) - set(logged))
     for key, step in missing[:20]:
         res.problems.append(f"round record metric {key} (step {step}) is not in MLflow")
