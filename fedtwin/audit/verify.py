@@ -63,16 +63,44 @@ def metric_step(key: str, record_round: int) -> int:
 
 
 def verify_run(tracking_uri: str, run_id: str, keys, folder: Path | None = None) -> AuditReport:  # keys: KeyRing
-    """Run every check on the MLflow run; never raises for a failed check (see :class:`AuditReport`)."""
-    arts = load_run(tracking_uri, run_id, folder)
+    """Run every check on the MLflow run; never raises for a failed check (see :class:`AuditReport`).
+
+    The evidence is downloaded into ``folder`` (kept), or into a temporary folder removed afterwards.
+    """
+    import tempfile
+
+    if folder is None:
+        with tempfile.TemporaryDirectory(prefix="fedtwin-audit-") as tmp:
+            return verify_run(tracking_uri, run_id, keys, Path(tmp))
+    arts = load_run(tracking_uri, run_id, folder / "run")
     report = AuditReport(run_id)
     versions = registered_versions(tracking_uri, run_id)
-    model = _check_model(arts, versions)
+    downloaded = _download_versions(arts, versions, folder / "registry")
+    model = _check_model(arts, versions, downloaded)
     chain = _check_chain(arts, keys, model)
-    report.checks += [chain, _check_attachments(arts), model.result, _check_card(arts, versions), _check_metrics(arts)]
+    report.checks += [chain, _check_attachments(arts), model.result, _check_card(arts, versions, downloaded), _check_metrics(arts)]
     if arts.problems:
         report.checks.insert(0, CheckResult("artifacts", "", list(arts.problems)))
     return report
+
+
+def _download_versions(arts: RunArtifacts, versions: list[Any], folder: Path) -> dict[tuple[str, str], Path | str]:
+    """Each registered version's artifacts as a local folder, or why they cannot be read."""
+    import mlflow.artifacts
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=arts.tracking_uri, registry_uri=arts.tracking_uri)
+    out: dict[tuple[str, str], Path | str] = {}
+    for v in versions:
+        dest = folder / f"{v.name}-{v.version}"
+        dest.mkdir(parents=True, exist_ok=True)
+        try:
+            uri = client.get_model_version_download_uri(v.name, v.version)
+            out[(v.name, str(v.version))] = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest),
+                                                                                    tracking_uri=arts.tracking_uri))
+        except Exception as exc:  # noqa: BLE001 - unreadable artifacts are a finding, not a crash
+            out[(v.name, str(v.version))] = f"{type(exc).__name__}: {exc}"
+    return out
 
 
 # ---------------------------------------------------------------------------------- chain
@@ -90,8 +118,8 @@ def _check_chain(arts: RunArtifacts, keys, model: _ModelCheck) -> CheckResult:
     res.detail = (f"{chain.records} records, {chain.signatures_checked} signatures, head {str(chain.head_hash)[:16]}, "
                   f"final aggregate {str(chain.final_aggregate_hash)[:16]}")
     for p in chain.problems:
-        where = arts.record_files[p.index].name if p.index is not None and p.index < len(arts.record_files) else "?"
-        res.problems.append(f"{where}: {p}")
+        known = p.index is not None and p.index < len(arts.record_files)
+        res.problems.append(f"{arts.record_files[p.index].name}: {p}" if known else str(p))
     return res
 
 
@@ -152,12 +180,7 @@ class _ModelCheck:
     digest: str | None
 
 
-def _check_model(arts: RunArtifacts, versions: list[Any]) -> _ModelCheck:
-    import tempfile
-
-    import mlflow.artifacts
-    from mlflow import MlflowClient
-
+def _check_model(arts: RunArtifacts, versions: list[Any], downloaded: dict[tuple[str, str], Path | str]) -> _ModelCheck:
     from fedtwin.provenance import parameters_digest
     from fedtwin.tracking.registry import TAG_DIGEST
     from fedtwin.tracking.twin_pyfunc import PARAMETERS_FILE, read_parameters_npz
@@ -166,25 +189,24 @@ def _check_model(arts: RunArtifacts, versions: list[Any]) -> _ModelCheck:
     if not versions:
         res.problems.append(f"no registered model version comes from run {arts.run_id}")
         return _ModelCheck(res, None)
-    client = MlflowClient(tracking_uri=arts.tracking_uri, registry_uri=arts.tracking_uri)
     digests = set()
     for v in versions:
         where = f"registered model {v.name} version {v.version}"
+        local = downloaded[(v.name, str(v.version))]
         try:
-            uri = client.get_model_version_download_uri(v.name, v.version)
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tempfile.mkdtemp(prefix="fedtwin-audit-model-"),
-                                                            tracking_uri=arts.tracking_uri))
+            if isinstance(local, str):
+                raise FileNotFoundError(local)
             files = list(local.rglob(PARAMETERS_FILE))
             if len(files) != 1:
                 raise FileNotFoundError(f"{len(files)} {PARAMETERS_FILE} files in its artifacts")
             got = parameters_digest(read_parameters_npz(files[0]))
         except Exception as exc:  # noqa: BLE001 - unreadable artifacts are a finding, not a crash
-            res.problems.append(f"{where}: its parameters cannot be read ({type(exc).__name__}: {exc})")
+            res.problems.append(f"{where}: its {PARAMETERS_FILE} cannot be read ({type(exc).__name__}: {exc})")
             continue
         if v.tags.get(TAG_DIGEST) not in (None, got):
-            res.problems.append(f"{where}: its parameters file hashes to {got[:16]}, its {TAG_DIGEST} tag says {v.tags[TAG_DIGEST][:16]}")
+            res.problems.append(f"{where}: {PARAMETERS_FILE} hashes to {got[:16]}, the version's {TAG_DIGEST} tag says {v.tags[TAG_DIGEST][:16]}")
         digests.add(got)
-        res.detail = f"{where}: parameters sha256 {got[:16]}"
+        res.detail = f"{where}: {PARAMETERS_FILE} sha256 {got[:16]}"
     if len(digests) > 1:
         res.problems.append(f"the run's registered versions hold {len(digests)} different models")
     return _ModelCheck(res, digests.pop() if len(digests) == 1 else None)
@@ -193,7 +215,7 @@ def _check_model(arts: RunArtifacts, versions: list[Any]) -> _ModelCheck:
 # ------------------------------------------------------------------------------------- card
 
 
-def _check_card(arts: RunArtifacts, versions: list[Any]) -> CheckResult:
+def _check_card(arts: RunArtifacts, versions: list[Any], downloaded: dict[tuple[str, str], Path | str]) -> CheckResult:
     from fedtwin.card import build_card, card_to_html, card_to_json, card_to_markdown
 
     res = CheckResult("card")
@@ -210,26 +232,17 @@ def _check_card(arts: RunArtifacts, versions: list[Any]) -> CheckResult:
             res.problems.append(f"card/{name}: missing")
         elif got.rstrip("\n") != expected[fmt].rstrip("\n"):
             res.problems.append(f"card/{name}: differs from the card rebuilt from the records ({_first_difference(got, expected[fmt])})")
-    res.problems += _registered_card_problems(arts, versions, expected)
+    res.problems += _registered_card_problems(versions, downloaded, expected)
     res.detail = f"card rebuilt from {len(evidence.records)} records; {len(CARD_FILES)} formats compared"
     return res
 
 
-def _registered_card_problems(arts: RunArtifacts, versions: list[Any], expected: dict[str, str]) -> list[str]:
-    import tempfile
-
-    import mlflow.artifacts
-    from mlflow import MlflowClient
-
+def _registered_card_problems(versions: list[Any], downloaded: dict[tuple[str, str], Path | str], expected: dict[str, str]) -> list[str]:
     out: list[str] = []
-    client = MlflowClient(tracking_uri=arts.tracking_uri, registry_uri=arts.tracking_uri)
     for v in versions:
-        try:
-            uri = client.get_model_version_download_uri(v.name, v.version)
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tempfile.mkdtemp(prefix="fedtwin-audit-card-"),
-                                                            tracking_uri=arts.tracking_uri))
-        except Exception as exc:  # noqa: BLE001
-            out.append(f"registered model {v.name} version {v.version}: artifacts cannot be read ({type(exc).__name__})")
+        local = downloaded[(v.name, str(v.version))]
+        if isinstance(local, str):
+            out.append(f"registered model {v.name} version {v.version}: artifacts cannot be read ({local})")
             continue
         for fmt, name in CARD_FILES.items():
             files = list(local.rglob(name))

@@ -213,7 +213,7 @@ def verify_chain(
 
         # links
         if rec.prev_hash != prev_hash:
-            what = "the hash of the previous record" if i else ("the anchor" if anchor else "none (the first record)")
+            what = "the hash of the previous record" if i else ("the anchor" if anchor else "the first record has none")
             add("prev_hash", f"{_short(prev_hash)} ({what})", rec.prev_hash)
         if i == 0:
             if first_round is not None and rec.round != first_round:
