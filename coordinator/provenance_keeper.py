@@ -18,14 +18,12 @@ files against these digests (``fedtwin audit verify``).
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedtwin.atomic_file import atomic_write_text
 from fedtwin.provenance import KeyRing, RoundRecord, SiteManifest, digest, load_signing_key, split_finite
 from fedtwin.provenance.errors import ProvenanceError
 
@@ -134,7 +132,7 @@ class ProvenanceKeeper:
         path = None
         if self.folder is not None:
             path = self.folder / record_file_name(self.seq, server_round)
-            _write_atomic(path, rec.to_json(indent=1))
+            atomic_write_text(path, rec.to_json(indent=1) + "\n")
         return rec, path
 
     def last_json(self) -> str:
@@ -143,21 +141,3 @@ class ProvenanceKeeper:
 
 def record_file_name(seq: int, server_round: int) -> str:
     return f"{seq:04d}-round-{server_round:04d}.json"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json_atomic(path: Path, value: Any) -> None:
-    _write_atomic(path, json.dumps(value, indent=1, sort_keys=True))

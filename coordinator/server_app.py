@@ -34,9 +34,7 @@ site reports, and at the end ``FEDTWIN final rounds_completed=C rounds=R saved=P
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 import time
 from pathlib import Path
 
@@ -274,21 +272,11 @@ def write_checkpoint(folder: str | Path, server_round: int, spec_hash: str, ndar
     """Write ``round-NNNN.npz`` atomically: a temp file in the same folder, fsync, then rename."""
     import numpy as np
 
-    d = Path(folder)
-    d.mkdir(parents=True, exist_ok=True)
-    target = checkpoint_path(d, server_round)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            arrays = {f"p{i:04d}": np.asarray(a) for i, a in enumerate(ndarrays)}
-            np.savez(fh, __round__=np.int64(server_round), __spec_hash__=np.str_(spec_hash), **arrays)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    from fedtwin.atomic_file import atomic_write
+
+    arrays = {f"p{i:04d}": np.asarray(a) for i, a in enumerate(ndarrays)}
+    return atomic_write(checkpoint_path(folder, server_round),
+                        lambda fh: np.savez(fh, __round__=np.int64(server_round), __spec_hash__=np.str_(spec_hash), **arrays))
 
 
 def read_checkpoint(path: str | Path) -> tuple[int, str, list]:

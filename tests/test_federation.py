@@ -165,7 +165,7 @@ def test_two_secagg_rounds_aggregate_the_weighted_mean_and_sum_the_statistics_wi
     from fedtwin.privacy.ledger import PrivacyLedger
     from fedtwin.spec import load_spec, spec_hash
     from fedtwin.training.split import train_test_split
-    from fedtwin.twin import TwinModel, get_parameters, set_parameters
+    from fedtwin.twin import TwinModel, set_parameters
 
     spec_path = federation / "specs" / SPEC.name
     spec = load_spec(spec_path)
