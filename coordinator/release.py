@@ -20,7 +20,27 @@ def registered_model_name(study_id: str) -> str:
     return f"fedtwin-{study_id}"
 
 
-def publish(tracker, keeper, final_arrays: list, best_round: int | None, ckpt_dir: str) -> str:
+def spec_plans(spec_path: str | Path, spec) -> dict[str, Path]:
+    """The what-if plans registered with the twin: ``plans/*.yaml`` beside the spec file that fit the spec.
+
+    A plan written for another spec (another intervention) is left out with a printed note: the
+    registered twin answers ``params={"mode": "whatif", "plan": NAME}`` for the plans it holds.
+    """
+    from fedtwin.errors import FedTwinError
+    from fedtwin.evaluation.plans import load_plan
+
+    found: dict[str, Path] = {}
+    for path in sorted((Path(spec_path).parent / "plans").glob("*.yaml")):
+        try:
+            load_plan(path, spec)
+        except FedTwinError as exc:
+            print(f"FEDTWIN note: what-if plan {path.name} is not registered with the twin: {' '.join(str(exc).split())[:200]}", flush=True)
+            continue
+        found[path.stem] = path
+    return found
+
+
+def publish(tracker, keeper, final_arrays: list, best_round: int | None, ckpt_dir: str, plans: dict[str, Path] | None = None) -> str:
     """Log the card (JSON, Markdown, HTML) and the final/best models; register the final twin.
 
     Returns ``NAME/VERSION`` of the registered model.
@@ -54,6 +74,7 @@ def publish(tracker, keeper, final_arrays: list, best_round: int | None, ckpt_di
         info = register_twin(
             tracker.uri, tracker.run_id, keeper.documents["spec"], final_arrays,
             model_name=registered_model_name(keeper.study_id), card_files=files, study_id=keeper.study_id,
+            plans=plans or {},
         )
     return f"{info.name}/{info.version}"
 

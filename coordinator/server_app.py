@@ -358,14 +358,14 @@ def _open_keeper(cfg, spec, h: str, ckpt_dir: str, resume: bool, training_id: st
     return keeper
 
 
-def _release(tracker, keeper, log: RoundLog, strategy, rounds: int, ckpt_dir: str) -> None:
+def _release(tracker, keeper, log: RoundLog, strategy, rounds: int, ckpt_dir: str, spec_path: str, spec) -> None:
     """The model card and the registered twin (:mod:`coordinator.release`); the best model by held-out NLL."""
-    from coordinator.release import publish
+    from coordinator.release import publish, spec_plans
 
     nll = {r - 1: log.reports[r]["metrics"].get("nll.all.all.twin") for r in log.reports}
     scored = {r: c["value"] for r, c in nll.items() if r >= 1 and isinstance(c, dict) and c.get("value") is not None}
     best = min(scored, key=lambda r: (scored[r], -r)) if scored else None
-    name = publish(tracker, keeper, parameters_to_ndarrays(strategy.latest), best, ckpt_dir)
+    name = publish(tracker, keeper, parameters_to_ndarrays(strategy.latest), best, ckpt_dir, spec_plans(spec_path, spec))
     print(f"FEDTWIN release registered_model={name} best_round={best if best is not None else '-'} "
           f"mlflow_run={tracker.run_id}", flush=True)
 
@@ -570,7 +570,7 @@ def main(grid, context) -> None:
             DefaultWorkflow(fit_workflow=OffsetRounds(fit_workflow, start - 1))(grid, legacy)
         failed = any(st != "completed" for r, st in log.status.items() if r != evaluation_round)
         if not failed and keeper is not None and tracker is not None and evaluation_round in log.reports:
-            _track(lambda: _release(tracker, keeper, log, strategy, rounds, ckpt_dir), evaluation_round)
+            _track(lambda: _release(tracker, keeper, log, strategy, rounds, ckpt_dir, spec_path, spec), evaluation_round)
     finally:
         if tracker is not None:
             try:

@@ -156,6 +156,10 @@ def init_consortium(
         d.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(spec_src, layout.specs_dir / spec_src.name)
     files.append(layout.specs_dir / spec_src.name)
+    for plan in sorted((spec_src.parent / "plans").glob("*.yaml")):  # what-if plans registered with the final twin
+        (layout.specs_dir / "plans").mkdir(exist_ok=True)
+        shutil.copyfile(plan, layout.specs_dir / "plans" / plan.name)
+        files.append(layout.specs_dir / "plans" / plan.name)
 
     # PKI: one CA, one server certificate for the SuperLink.
     ca = create_ca(f"{name} CA")
