@@ -85,10 +85,14 @@ class RoundLog:
         if self.on_round is not None:
             self.on_round(server_round, completed, sites)
 
+    def training_halted(self) -> list[int]:
+        """Training rounds of this launch that halted (the training is not finished: it must be resumed)."""
+        return sorted(r for r, st in self.status.items() if r != self.evaluation_round and st != "completed")
+
     def site_error(self, server_round: int, node_id: int, reason: str) -> None:
         name = self.site_names.get(node_id, "?")
         self.failed_nodes.setdefault(server_round, set()).add(int(node_id))
-        text = " ".join(str(reason).split())[:400]
+        text = " ".join(str(reason).split())[:1000]
         print(f"FEDTWIN site_error round={server_round} node={node_id} site={name} reason={text}", flush=True)
 
 
@@ -112,6 +116,13 @@ class FedTwinFedAvg(FedAvg):
 
     def configure_fit(self, server_round, parameters, client_manager):
         self.log.round = server_round
+        if server_round == self.log.evaluation_round and self.log.training_halted():
+            # an unfinished training has no final model to score: --resume finishes it, and its
+            # evaluation round then closes the chain of round records
+            print(f"FEDTWIN note: evaluation round {server_round} skipped: training round(s) "
+                  f"{', '.join(map(str, self.log.training_halted()))} halted; resume the training to finish it", flush=True)
+            self.log.started.setdefault(server_round, time.monotonic())
+            return []
         self.log.started.setdefault(server_round, time.monotonic())
         from fedtwin.provenance import parameters_digest
 
@@ -482,6 +493,8 @@ def main(grid, context) -> None:
         report = log.reports.get(r) if completed else None
         evaluated = evaluation_metrics(report) if report is not None else {}
         final = r == evaluation_round
+        if final and log.training_halted():
+            return  # skipped (see FedTwinFedAvg.configure_fit): nothing to record
         secs = time.monotonic() - log.started.get(r, time.monotonic())
         metrics = dict(evaluated) if final else {
             **round_metrics(sites if completed else 0, secs, not completed, log.epsilon.get(r, {}) if completed else {}), **evaluated}
