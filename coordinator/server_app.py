@@ -517,6 +517,8 @@ def main(grid, context) -> None:
         if final:
             if tracker is not None and report is not None:
                 _track(lambda: tracker.log_evaluation(rounds, report, "final"), r)
+                # kept per evaluation round too: a training extended later has more than one
+                _track(lambda: tracker.client.log_dict(tracker.run_id, report, f"evaluation/evaluation-round-{r:04d}.json"), r)
             return
         if completed and ckpt_dir:
             path = write_checkpoint(ckpt_dir, r, h, latest)

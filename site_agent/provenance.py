@@ -64,6 +64,41 @@ def data_source(cohort, db, threshold: int, count_step: int):  # noqa: ANN001
                       n_patients=max(count_step, (n // count_step) * count_step))
 
 
+def quality_report_hash(site, db, spec, threshold: int) -> str:  # noqa: ANN001
+    """The hash of the site's data-quality report on the spec, recomputed only when the data changed.
+
+    Running every check takes seconds per round; for an SQLite database the hash is kept in
+    ``<site>.quality-cache.json`` beside the ledger, keyed by the spec hash, the threshold and the
+    file's size and modification time, so an unchanged file is not checked again. A server database
+    (PostgreSQL) gives no such cheap change signal: it is checked every round.
+    """
+    import json
+    import os
+
+    from fedtwin.atomic_file import atomic_write_text
+    from fedtwin.quality.runner import run_quality_checks
+    from fedtwin.spec import spec_hash
+
+    key = None
+    if db.url.startswith("sqlite:///"):
+        path = Path(db.url[len("sqlite:///"):])
+        if path.is_file():
+            st = path.stat()
+            key = f"{spec_hash(spec)}:{threshold}:{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    cache = Path(site.privacy.ledger).with_name(f"{site.site.name}.quality-cache.json")
+    if key is not None and cache.is_file():
+        try:
+            saved = json.loads(cache.read_text())
+            if saved.get("key") == key:
+                return str(saved["report_hash"])
+        except (ValueError, KeyError, OSError):
+            pass  # an unreadable cache is recomputed
+    h = run_quality_checks(db, spec, threshold).report_hash
+    if key is not None:
+        atomic_write_text(cache, json.dumps({"key": key, "report_hash": h}) + os.linesep)
+    return h
+
+
 def sign_manifest(
     site,  # noqa: ANN001 - a SiteConfig
     *,

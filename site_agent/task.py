@@ -209,14 +209,13 @@ def run_round(site_config_path: str | Path, parameters: list, settings: RoundSet
 def _signed_manifest(site, settings: RoundSettings, spec, own_hash: str, db, cohort, stats, received: list, plan, spent: float):
     """Sign this round's manifest and keep it (and the previous round's record) in the site's log."""
     from fedtwin.extract.summary import summarize
-    from fedtwin.quality.runner import run_quality_checks
     from site_agent import provenance
 
     threshold = site.privacy.suppression_threshold
     manifest = provenance.sign_manifest(
         site, study_id=settings.study_id, server_round=settings.server_round, spec_hash=own_hash,
         summary=summarize(cohort, stats, threshold),
-        quality_report_hash=run_quality_checks(db, spec, threshold).report_hash,
+        quality_report_hash=provenance.quality_report_hash(site, db, spec, threshold),
         dp_plan=plan, epsilon_spent=spent, received=received,
         source=provenance.data_source(cohort, db, threshold, settings.count_step),
     )

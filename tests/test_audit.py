@@ -486,14 +486,16 @@ def test_an_altered_manifest_names_its_site(target: TrainedRun) -> None:
 
 @pytest.mark.slow
 def test_an_altered_evaluation_report_is_named(target: TrainedRun) -> None:
-    final = target.artifact("evaluation/final.json")
-    rep = _read(final)
-    key = next(iter(rep["metrics"]))
-    rep["metrics"][key]["value"] = rep["metrics"][key]["value"] * 0.5
-    _write(final, rep)
+    for name in ("evaluation/final.json", "evaluation/evaluation-round-0002.json"):  # the card's input, the round's copy
+        path = target.artifact(name)
+        rep = _read(path)
+        key = next(iter(rep["metrics"]))
+        rep["metrics"][key]["value"] = rep["metrics"][key]["value"] * 0.5
+        _write(path, rep)
     v = audit(target)
     assert_caught(v, "attachments")
-    v.names("attachments", "evaluation/final.json: sha256", "that 0002-round-0002.json vouches for")
+    v.names("attachments", "evaluation/final.json: sha256", "that the last evaluation round's record (round 2) vouches for")
+    v.names("attachments", "evaluation/evaluation-round-0002.json: sha256", "that 0002-round-0002.json vouches for")
     assert "chain" not in v.failed and "metrics" not in v.failed, v.problems
 
 

@@ -455,14 +455,16 @@ def test_b_two_sites_die_the_round_halts_and_is_retried_from_the_same_parameters
     assert mlflow_metric(root, mlflow_id, "halted") == [(1, 0.0), (2, 0.0), (2, 1.0)]  # (step, value), sorted
     assert (2, 3.0) in mlflow_metric(root, mlflow_id, "sites")
     assert mlflow_run(root, mlflow_id).info.status == "FINISHED"
-    # the signed chain holds the halted round, its retry and one evaluation round, and verifies
-    # (the interrupted launch skipped its evaluation round: there was no final model to score)
+    # the signed chain holds the first launch's evaluation round, the halted round, its retry and
+    # the final evaluation round, and verifies (the interrupted launch skipped its evaluation round:
+    # there was no final model to score)
     from fedtwin.provenance import KeyRing, RoundRecord, parameters_digest, verify_chain
 
     folder = ckpt_dir / "provenance" / (ckpt_dir / "training_id").read_text().strip()
     records = [RoundRecord.from_json(p.read_text()) for p in sorted(folder.glob("*.json"))]
     assert [(r.round, r.kind, r.status) for r in records] == [
-        (1, "train", "completed"), (2, "train", "halted"), (2, "train", "completed"), (3, "evaluate", "completed")]
+        (1, "train", "completed"), (2, "evaluate", "completed"), (2, "train", "halted"), (2, "train", "completed"),
+        (3, "evaluate", "completed")]
     report = verify_chain(records, KeyRing.from_dir(root / "keys" / "signing"),
                           final_parameters_hash=parameters_digest(read_checkpoint(ckpts[1])[2]))
     assert report.ok, report.summary()

@@ -126,3 +126,27 @@ def test_data_source_is_suppressed_below_the_threshold(site) -> None:
     for bad in ({"period_start": "2019-01-15"}, {"n_patients": "12"}, {"n_patients": -1}):
         with pytest.raises(FieldError):
             DataSource(**{"cdm_version": "5.4", "period_start": "2019-01", "period_end": "2020-01", "n_patients": 10, **bad})
+
+
+def test_the_quality_report_hash_is_recomputed_only_when_the_database_file_changes(site) -> None:
+    import json
+    import os
+
+    from fedtwin.omop.database import open_database
+    from fedtwin.quality.runner import run_quality_checks
+    from fedtwin.spec import load_spec
+    from site_agent.provenance import quality_report_hash
+
+    _, _, cfg = site
+    spec = load_spec(SPEC)
+    db = open_database(cfg.data.database)
+    real = run_quality_checks(db, spec, 10).report_hash
+    assert quality_report_hash(cfg, db, spec, 10) == real
+    cache = Path(cfg.privacy.ledger).with_name("site_1.quality-cache.json")
+    saved = json.loads(cache.read_text())
+    cache.write_text(json.dumps({**saved, "report_hash": "f" * 64}))  # prove the cached value is what is used
+    assert quality_report_hash(cfg, db, spec, 10) == "f" * 64
+    st = os.stat(cfg.data.database)
+    os.utime(cfg.data.database, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # the file changed
+    assert quality_report_hash(cfg, db, spec, 10) == real
+    assert quality_report_hash(cfg, db, spec, 11) == run_quality_checks(db, spec, 11).report_hash  # another threshold

@@ -22,6 +22,7 @@ from fedtwin.errors import FedTwinError
 
 RECORD_RE = re.compile(r"^(\d{4,})-round-(\d{4,})\.json$")
 REPORT_RE = re.compile(r"^round-(\d{4,})\.json$")
+EVALUATION_RE = re.compile(r"^evaluation-round-(\d{4,})\.json$")
 CARD_FILES = {"json": "model-card.json", "md": "model-card.md", "html": "model-card.html"}
 
 
@@ -39,6 +40,7 @@ class RunArtifacts:
     study: dict[str, Any] | None = None
     final_report: dict[str, Any] | None = None
     round_reports: dict[int, dict[str, Any]] = field(default_factory=dict)
+    evaluation_reports: dict[int, dict[str, Any]] = field(default_factory=dict)  # per evaluation round
     card_texts: dict[str, str] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
 
@@ -101,12 +103,13 @@ def load_run(tracking_uri: str, run_id: str, folder: Path | None = None) -> RunA
     ev = dest / "evaluation"
     arts.final_report = _read_json(ev / "final.json", "evaluation/final.json", arts.problems)
     if ev.is_dir():
-        for p in sorted(ev.glob("round-*.json")):
-            m = REPORT_RE.match(p.name)
-            if m:
-                rep = _read_json(p, f"evaluation/{p.name}", arts.problems)
-                if rep is not None:
-                    arts.round_reports[int(m.group(1))] = rep
+        for p in sorted(ev.glob("*.json")):
+            for pattern, into in ((REPORT_RE, arts.round_reports), (EVALUATION_RE, arts.evaluation_reports)):
+                m = pattern.match(p.name)
+                if m:
+                    rep = _read_json(p, f"evaluation/{p.name}", arts.problems)
+                    if rep is not None:
+                        into[int(m.group(1))] = rep
     for fmt, name in CARD_FILES.items():
         p = dest / "card" / name
         if p.is_file():

@@ -150,14 +150,24 @@ def _check_attachments(arts: RunArtifacts) -> CheckResult:
                 checked += 1
         want = rec.attachments.get("evaluation_report")
         if want is not None:
-            name, doc = ("evaluation/final.json", arts.final_report) if rec.kind == "evaluate" else \
-                (f"evaluation/round-{rec.round - 1:04d}.json", arts.round_reports.get(rec.round - 1))
+            if rec.kind == "evaluate":
+                name, doc = f"evaluation/evaluation-round-{rec.round:04d}.json", arts.evaluation_reports.get(rec.round)
+            else:
+                name, doc = f"evaluation/round-{rec.round - 1:04d}.json", arts.round_reports.get(rec.round - 1)
             if doc is None:
                 res.problems.append(f"{name}: missing, but {path.name} vouches for it")
             elif digest(doc) != want:
                 res.problems.append(f"{name}: sha256 {digest(doc)[:16]} is not the {want[:16]} that {path.name} vouches for")
             else:
                 checked += 1
+    last_eval = next((d for d in reversed(arts.record_dicts) if isinstance(d, dict) and d.get("kind") == "evaluate"), None)
+    if last_eval is not None and arts.final_report is not None:  # the report the card is built from
+        want = (last_eval.get("attachments") or {}).get("evaluation_report")
+        if want is not None and digest(arts.final_report) != want:
+            res.problems.append(f"evaluation/final.json: sha256 {digest(arts.final_report)[:16]} is not the {str(want)[:16]} "
+                                f"that the last evaluation round's record (round {last_eval.get('round')}) vouches for")
+        elif want is not None:
+            checked += 1
     if arts.spec is not None:
         try:
             h = spec_hash(spec_from_dict(arts.spec, "provenance/spec.json"))

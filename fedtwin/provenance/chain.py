@@ -224,11 +224,15 @@ def verify_chain(
                 retry = (last_completed.round if last_completed else (first_round or 1) - 1) + 1
                 if retry not in allowed:
                     allowed.append(retry)
+            if prev.kind == "evaluate":
+                # a finished training extended with more rounds (--resume --rounds N): its evaluation
+                # round scored the model so far, and training goes on under that round's number
+                allowed = [prev.round]
+                if rec.kind != "train":
+                    add("kind", f"a training round after the evaluation round {prev.round}", f"{rec.kind} round {rec.round}")
             if rec.round not in allowed:
                 exp = " or ".join(str(a) for a in allowed)
-                add("round", f"{exp} (after round {prev.round}, {prev.status})", f"{rec.round} (round(s) missing or out of order)")
-            if prev.kind == "evaluate":
-                add("kind", f"no record after the evaluation round {prev.round}", f"round {rec.round}")
+                add("round", f"{exp} (after round {prev.round}, {prev.kind} {prev.status})", f"{rec.round} (round(s) missing or out of order)")
         want_study = want_study or rec.study_id
         want_spec = want_spec or rec.spec_hash
         if rec.study_id != want_study:

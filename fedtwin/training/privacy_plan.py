@@ -17,8 +17,6 @@ from fedtwin.errors import FedTwinError
 from fedtwin.privacy.accounting import BudgetExceededError, calibrate_noise_multiplier, check_plan, composed_epsilon
 from fedtwin.privacy.ledger import PrivacyLedger, effective_history
 
-RETRY_TOLERANCE = 0.02  # epsilon a projection may exceed the training's target by before the noise is recalibrated
-
 
 EXHAUSTED_MARGIN = 0.02  # twice the calibration tolerance: what is left below this is not spendable
 
@@ -197,26 +195,9 @@ def plan_federated_round(
         prior=before, sample_rate=sample_rate, steps=steps * rounds, target_epsilon=target, delta=budget.delta,
         accountant=accountant,
     )
-    left = rounds - server_round + 1
-
-    def check(noise: float):  # noqa: ANN202 - the rounds still to come, on top of everything spent
-        return check_plan(prior=everything, budget=budget, accountant=accountant, noise_multiplier=noise, sample_rate=sample_rate,
-                          steps_per_round=steps, rounds=left, n_patients=n_patients)
-
-    checked = check(sigma)
-    if checked.projected_epsilon > target + RETRY_TOLERANCE:
-        # a round is being trained again (it halted after the steps were taken, and the training was
-        # resumed): the steps already taken count, so the rounds still to come get more noise to keep
-        # the training within its allowance; a training that already spent it is refused
-        try:
-            sigma = calibrate_noise_multiplier(prior=everything, sample_rate=sample_rate, steps=steps * left,
-                                               target_epsilon=target, delta=budget.delta, accountant=accountant)
-        except BudgetExceededError as exc:
-            raise BudgetExceededError(
-                f"training {training_id} already spent {spent_now - spent_before:.3f} of its epsilon allowance "
-                f"{request.epsilon:g} at this site (round {server_round} is being trained again): {exc.problem}",
-                "start a new training with its own allowance, or resume with fewer rounds left",
-            ) from None
-        checked = check(sigma)
+    check = check_plan(
+        prior=everything, budget=budget, accountant=accountant, noise_multiplier=sigma, sample_rate=sample_rate,
+        steps_per_round=steps, rounds=rounds - server_round + 1, n_patients=n_patients,
+    )
     return PrivacyPlan(dataset_id, accountant, sigma, sample_rate, steps, request.max_grad_norm, budget.delta, budget.epsilon,
-                       spent_now, target, checked.projected_epsilon)
+                       spent_now, target, check.projected_epsilon)
