@@ -540,6 +540,31 @@ def test_a_key_folder_that_does_not_exist_is_a_clear_error(tmp_path: Path) -> No
     assert not (tmp_path / "mlflow.db").exists()
 
 
+def test_a_missing_store_or_unknown_run_is_a_clear_error_and_creates_nothing(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from fedtwin.cli import main
+
+    main._register()
+    app = main.app
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    from coordinator.consortium.node_keys import generate_signing_key
+
+    generate_signing_key(keys / "coordinator.ed25519.pem", keys / "coordinator.ed25519.pub.pem")
+    store = tmp_path / "nowhere" / "mlflow.db"
+    for cmd in (["verify", "--keys", str(keys)], ["card"]):
+        res = CliRunner().invoke(app, ["audit", *cmd, "--tracking-uri", f"sqlite:///{store}", "--run-id", "0" * 32])
+        assert f"no MLflow store at {store}" in str(res.exception), res.output  # fedtwin's main prints it, exit 2
+    assert not store.parent.exists()  # looking never creates a store
+    empty = tmp_path / "empty.db"
+    from mlflow import MlflowClient
+
+    MlflowClient(tracking_uri=f"sqlite:///{empty}").search_experiments()  # a real, empty store
+    res = CliRunner().invoke(app, ["audit", "card", "--tracking-uri", f"sqlite:///{empty}", "--run-id", "0" * 32])
+    assert "cannot be read" in str(res.exception) and "check --run-id" in res.exception.fix, res.output
+
+
 # ------------------------------------------------------------------- the site's allow-list (cheap)
 
 

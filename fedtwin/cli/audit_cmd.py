@@ -20,13 +20,27 @@ URI = typer.Option(..., "--tracking-uri", help="MLflow tracking URI, e.g. sqlite
 RUN = typer.Option(..., "--run-id", help="the training's MLflow run id (the demo and `coordinator launch` print it)")
 
 
-def _keys(tracking_uri: str, run_id: str, keys: Path | None, console: Console):
+def _check_run(tracking_uri: str, run_id: str):  # -> mlflow Run
+    """The run, or a clear error: an SQLite store that does not exist is never created by looking."""
     from mlflow import MlflowClient
 
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri[len("sqlite:///"):].split("?", 1)[0])
+        if not db.is_file():
+            raise FedTwinError(f"no MLflow store at {db} (from --tracking-uri {tracking_uri})",
+                               "give the store the coordinator logged to, e.g. sqlite:////ABS/PATH/mlflow.db (four slashes for an absolute path)")
+    try:
+        return MlflowClient(tracking_uri=tracking_uri).get_run(run_id)
+    except Exception as exc:  # noqa: BLE001 - MLflow raises several kinds for an unknown run or store
+        raise FedTwinError(f"MLflow run {run_id} cannot be read from {tracking_uri}: {' '.join(str(exc).split())[:300]}",
+                           "check --run-id (the demo and `coordinator launch` print it; `mlflow runs list` shows them)") from None
+
+
+def _keys(tracking_uri: str, run_id: str, keys: Path | None, console: Console):
     from fedtwin.provenance import KeyRing
 
     if keys is None:
-        recorded = MlflowClient(tracking_uri=tracking_uri).get_run(run_id).data.tags.get(KEYS_TAG)
+        recorded = _check_run(tracking_uri, run_id).data.tags.get(KEYS_TAG)
         if not recorded:
             raise FedTwinError("no --keys given and the run records no key folder", "pass --keys CONSORTIUM/keys/signing (your own copy of the public keys)")
         keys = Path(recorded)
@@ -48,7 +62,9 @@ def verify(
     from fedtwin.audit import verify_run
 
     console = Console(stderr=as_json)
-    report = verify_run(tracking_uri, run_id, _keys(tracking_uri, run_id, keys, console))
+    ring = _keys(tracking_uri, run_id, keys, console)
+    _check_run(tracking_uri, run_id)
+    report = verify_run(tracking_uri, run_id, ring)
     if as_json:
         print(json.dumps(report.to_dict(), indent=1))
     else:
@@ -77,6 +93,7 @@ def card(
 
     if fmt not in CARD_FILES:
         raise FedTwinError(f"--format {fmt!r} is not a card format", "use md, html or json")
+    _check_run(tracking_uri, run_id)
     arts = load_run(tracking_uri, run_id)
     text = arts.card_texts.get(fmt)
     if text is None:
