@@ -468,6 +468,14 @@ def test_b_two_sites_die_the_round_halts_and_is_retried_from_the_same_parameters
     report = verify_chain(records, KeyRing.from_dir(root / "keys" / "signing"),
                           final_parameters_hash=parameters_digest(read_checkpoint(ckpts[1])[2]))
     assert report.ok, report.summary()
+    # ... and the whole MLflow run passes the audit: two registered versions (the 1-round training,
+    # then the extended one), the card of the newest, every metric in its record
+    from fedtwin.audit import verify_run
+    from fedtwin.federation.config import load_study_config
+
+    uri = load_study_config(study).tracking.mlflow_tracking_uri
+    audit = verify_run(uri, mlflow_id, KeyRing.from_dir(root / "keys" / "signing"))
+    assert audit.ok, "\n".join(audit.problems)
 
 
 def _refusing_site_round(root: Path, study_id: str, site: str, reason: str, why_in_log: str) -> None:

@@ -199,7 +199,7 @@ def _check_model(arts: RunArtifacts, versions: list[Any], downloaded: dict[tuple
     if not versions:
         res.problems.append(f"no registered model version comes from run {arts.run_id}")
         return _ModelCheck(res, None)
-    digests = set()
+    digests: dict[int, str] = {}  # version number -> digest of its parameters file
     for v in versions:
         where = f"registered model {v.name} version {v.version}"
         local = downloaded[(v.name, str(v.version))]
@@ -215,11 +215,19 @@ def _check_model(arts: RunArtifacts, versions: list[Any], downloaded: dict[tuple
             continue
         if v.tags.get(TAG_DIGEST) not in (None, got):
             res.problems.append(f"{where}: {PARAMETERS_FILE} hashes to {got[:16]}, the version's {TAG_DIGEST} tag says {v.tags[TAG_DIGEST][:16]}")
-        digests.add(got)
+        digests[int(v.version)] = got
         res.detail = f"{where}: {PARAMETERS_FILE} sha256 {got[:16]}"
-    if len(digests) > 1:
-        res.problems.append(f"the run's registered versions hold {len(digests)} different models")
-    return _ModelCheck(res, digests.pop() if len(digests) == 1 else None)
+    if not digests:
+        return _ModelCheck(res, None)
+    # a training extended with more rounds registers again: the newest version is the released model
+    # (the chain's final aggregate); each older one must be the aggregate of a completed round
+    aggregates = {d.get("aggregate_hash") for d in arts.record_dicts
+                  if isinstance(d, dict) and d.get("kind") == "train" and d.get("status") == "completed"}
+    newest = max(digests)
+    for version, got in sorted(digests.items()):
+        if version != newest and got not in aggregates:
+            res.problems.append(f"registered version {version} holds parameters ({got[:16]}) that are no completed round's aggregate")
+    return _ModelCheck(res, digests[newest])
 
 
 # ------------------------------------------------------------------------------------- card
@@ -248,8 +256,9 @@ def _check_card(arts: RunArtifacts, versions: list[Any], downloaded: dict[tuple[
 
 
 def _registered_card_problems(versions: list[Any], downloaded: dict[tuple[str, str], Path | str], expected: dict[str, str]) -> list[str]:
+    """The newest registered version carries the run's card (an older one, of a training since extended, its own)."""
     out: list[str] = []
-    for v in versions:
+    for v in versions[-1:]:
         local = downloaded[(v.name, str(v.version))]
         if isinstance(local, str):
             out.append(f"registered model {v.name} version {v.version}: artifacts cannot be read ({local})")
