@@ -394,7 +394,10 @@ def _log_dp_params(tracker, manifests: list) -> None:
 def _log_attachments(tracker, keeper) -> None:
     """The spec and study documents the records vouch for, and where the trusted public keys are."""
     tracker.client.set_tag(tracker.run_id, "fedtwin.trusted_keys", str(keeper.trusted_keys))
-    for name, doc in keeper.documents.items():
+    from fedtwin.provenance import digest
+
+    for name, doc in keeper.documents.items():  # content-addressed too: a training extended later keeps both
+        tracker.client.log_dict(tracker.run_id, doc, f"provenance/documents/{digest(doc)}.json")
         tracker.client.log_dict(tracker.run_id, doc, f"provenance/{name}.json")
 
 

@@ -41,6 +41,7 @@ class RunArtifacts:
     final_report: dict[str, Any] | None = None
     round_reports: dict[int, dict[str, Any]] = field(default_factory=dict)
     evaluation_reports: dict[int, dict[str, Any]] = field(default_factory=dict)  # per evaluation round
+    documents: dict[str, Any] = field(default_factory=dict)  # provenance/documents/<sha256>.json, by file name digest
     card_texts: dict[str, str] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
 
@@ -98,6 +99,11 @@ def load_run(tracking_uri: str, run_id: str, folder: Path | None = None) -> RunA
     arts.record_dicts = [_read_json(p, f"provenance/{p.name}", arts.problems) for p in arts.record_files]
     if not found:
         arts.problems.append("provenance/: the run holds no round record")
+    if (prov / "documents").is_dir():
+        for p in sorted((prov / "documents").glob("*.json")):
+            doc = _read_json(p, f"provenance/documents/{p.name}", arts.problems)
+            if doc is not None:
+                arts.documents[p.stem] = doc
     arts.spec = _read_json(prov / "spec.json", "provenance/spec.json", arts.problems)
     arts.study = _read_json(prov / "study.json", "provenance/study.json", arts.problems)
     ev = dest / "evaluation"

@@ -142,12 +142,24 @@ def _check_attachments(arts: RunArtifacts) -> CheckResult:
             continue  # the chain check names it
         for name, doc in docs.items():
             want = rec.attachments.get(name)
+            stored = arts.documents.get(want) if want is not None else None  # provenance/documents/<sha256>.json
             if want is None:
                 res.problems.append(f"{path.name}: vouches for no {name} document")
+            elif stored is not None:
+                if digest(stored) != want:
+                    res.problems.append(f"provenance/documents/{want}.json ({name}): its content hashes to {digest(stored)[:16]}, "
+                                        f"not the {want[:16]} that {path.name} vouches for")
+                else:
+                    checked += 1
             elif doc is not None and digest(doc) != want:
                 res.problems.append(f"provenance/{name}.json: sha256 {digest(doc)[:16]} is not the {want[:16]} that {path.name} vouches for")
             else:
                 checked += 1
+    last = next((d for d in reversed(arts.record_dicts) if isinstance(d, dict)), None)
+    for name, doc in docs.items():  # the latest documents (the card's input) are the last record's
+        want = ((last or {}).get("attachments") or {}).get(name)
+        if want is not None and doc is not None and digest(doc) != want:
+            res.problems.append(f"provenance/{name}.json: sha256 {digest(doc)[:16]} is not the {str(want)[:16]} that the last record vouches for")
         want = rec.attachments.get("evaluation_report")
         if want is not None:
             if rec.kind == "evaluate":
