@@ -79,3 +79,57 @@ def _print(console: Console, path: Path, statuses: list[DatasetStatus], rng: dic
                 console.print(f"  #{e.id}: {e.note}", highlight=False)
     state = "available" if rng["available"] else "NOT available"
     console.print(f"secure RNG (Opacus secure_mode) {state}: {rng['reason']}", highlight=False)
+
+
+def budget_change(
+    ledger: Path = typer.Option(..., "--ledger", help="the site's privacy ledger (SQLite file)"),
+    epsilon: float = typer.Option(..., "--epsilon", help="the dataset's new total epsilon budget"),
+    reason: str = typer.Option(..., "--reason", help="why the budget changes (recorded in the ledger)"),
+    approved_by: str = typer.Option(..., "--approved-by", help="who in the site's data governance approved it (recorded)"),
+    dataset: str | None = typer.Option(None, "--dataset", help="dataset id as `fedtwin site budget` shows it (needed if the ledger has several)"),
+    delta: float | None = typer.Option(None, "--delta", help="new delta (default: the current one)"),
+) -> None:
+    """Change a dataset's privacy budget: an approved, recorded event; what was spent stays spent.
+
+    The only way a budget changes. The ledger keeps the old budget, the new one, the reason and the
+    approver as a budget event (``fedtwin site budget`` counts them), so an auditor can see every
+    change; nothing already spent is forgotten, and a budget lowered below the spend shows as over
+    budget (no further training).
+    """
+    from fedtwin.errors import FedTwinError
+    from fedtwin.privacy.ledger import PrivacyLedger
+
+    if not epsilon > 0:
+        raise FedTwinError(f"--epsilon {epsilon:g}: a budget must be positive", "pass the new total epsilon, e.g. --epsilon 8")
+    for option, value in (("--reason", reason), ("--approved-by", approved_by)):
+        if not value.strip():
+            raise FedTwinError(f"{option} must not be empty: a budget change is recorded with why and who approved it",
+                               f"pass {option} TEXT")
+    if delta is not None and not 0 < delta < 1:
+        raise FedTwinError(f"--delta {delta:g}: must be between 0 and 1", "omit --delta to keep the current one")
+    with PrivacyLedger.open(ledger) as led:
+        datasets = led.datasets()
+        if dataset is None:
+            if len(datasets) != 1:
+                raise FedTwinError(
+                    f"the ledger {ledger} holds {len(datasets)} datasets; which budget changes is ambiguous",
+                    "pass --dataset ID (the ids `fedtwin site budget --ledger ...` shows)",
+                )
+            dataset = datasets[0]
+        if dataset not in datasets:
+            raise FedTwinError(
+                f"the ledger {ledger} has no dataset {dataset}",
+                "pass one of: " + (", ".join(datasets) or "(none: a budget is set by the site's first training)"),
+            )
+        old = led.budget(dataset)
+        new = led.change_budget(dataset, epsilon=epsilon, delta=old.delta if delta is None else delta,
+                                reason=reason, approved_by=approved_by)
+        spent = led.status(dataset).spent_epsilon
+    console = Console()
+    console.print(
+        f"dataset {dataset}: budget epsilon {old.epsilon:g} -> {new.epsilon:g}, delta {old.delta:g} -> {new.delta:g} "
+        f"(approved by {approved_by}: {reason}); spent so far epsilon {spent:.3f}, remaining {new.epsilon - spent:.3f}",
+        highlight=False,
+    )
+    if new.epsilon <= spent:
+        console.print("the new budget is not above what is already spent: no further training on this dataset", highlight=False)

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from site_agent.approval_command import approvals, approve, revoke
-from site_agent.budget_command import budget
+from site_agent.budget_command import budget, budget_change
 from site_agent.check_command import check
 
 app = typer.Typer(
@@ -22,6 +22,7 @@ app = typer.Typer(
 )
 app.command("check")(check)
 app.command("budget")(budget)
+app.command("budget-change")(budget_change)
 app.command("approve")(approve)
 app.command("approvals")(approvals)
 app.command("revoke")(revoke)

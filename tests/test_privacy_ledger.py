@@ -419,3 +419,35 @@ def test_federated_round_beyond_the_plan_or_the_budget_is_refused(ledger: Privac
     _spend(ledger, "someone-else", None, 0.6, 0.5, 400)  # uses up the budget of 8
     with pytest.raises(BudgetExceededError, match="exhausted|refusing to train"):
         plan_federated_round(ledger, DS, 1000, request, training_id="t", rounds=3, server_round=1)
+
+
+def test_cli_budget_change_is_recorded_with_reason_and_approver(tmp_path: Path, ledger: PrivacyLedger) -> None:
+    from conftest import cli_text
+
+    from fedtwin.cli import main
+
+    main._register()
+    _spend(ledger, "run-a", 1, 1.1, 0.02, 100)
+    spent = ledger.spent_epsilon(DS)
+    path = str(tmp_path / "privacy.db")
+    runner = CliRunner()
+
+    def change(*extra: str):
+        return runner.invoke(main.app, ["site", "budget-change", "--ledger", path, *extra], env={"COLUMNS": "200"})
+
+    missing = change("--epsilon", "12", "--reason", "second study", "--approved-by", "   ")
+    assert isinstance(missing.exception, FedTwinError) and "--approved-by must not be empty" in str(missing.exception)
+    unknown = change("--epsilon", "12", "--reason", "r", "--approved-by", "board", "--dataset", "nope")
+    assert isinstance(unknown.exception, FedTwinError) and "has no dataset nope" in str(unknown.exception)
+    assert DS in str(unknown.exception)  # the fix names the datasets there are
+    assert ledger.budget(DS).epsilon == 8.0  # refused changes record nothing
+
+    ok = change("--epsilon", "12", "--reason", "second study approved", "--approved-by", "data governance board")
+    assert ok.exit_code == 0, cli_text(ok)
+    assert "budget epsilon 8 -> 12" in cli_text(ok) and f"spent so far epsilon {spent:.3f}" in cli_text(ok)
+    assert ledger.budget(DS).epsilon == 12.0 and ledger.spent_epsilon(DS) == pytest.approx(spent)  # spend is kept
+    [event] = [e for e in ledger.status(DS).budget_events if e.kind == "change"]
+    assert (event.reason, event.approved_by) == ("second study approved", "data governance board")
+
+    lower = change("--epsilon", "0.5", "--reason", "consent withdrawn", "--approved-by", "board")
+    assert lower.exit_code == 0 and "no further training on this dataset" in cli_text(lower), cli_text(lower)

@@ -226,7 +226,7 @@ def calibrate_noise_multiplier(
             f"the privacy budget is exhausted: {spent:.3f} of epsilon {target_epsilon:g} (delta {delta:g}) "
             "is already spent, so no further training fits",
             "training on this data is over unless the site's data governance approves a larger budget "
-            "(PrivacyLedger.change_budget, which is recorded)",
+            "(`fedtwin site budget-change --ledger LEDGER --epsilon NEW --reason WHY --approved-by WHO`, which is recorded)",
         )
 
     def eps(sigma: float) -> float:
@@ -318,7 +318,7 @@ def check_cohort(
             f"delta {budget.delta:g} is not below 1/{n_patients} (one over the number of patients): at that delta "
             "a mechanism may reveal a whole patient's record and still count as private",
             f"use delta well below {1 / n_patients:.2g} (e.g. {0.1 / n_patients:.1g}); changing the budget needs the "
-            "site's data governance (PrivacyLedger.change_budget)",
+            "site's data governance (`fedtwin site budget-change --ledger LEDGER --epsilon NEW --reason WHY --approved-by WHO`)",
         )
     batch = sample_rate * n_patients
     ratio = noise_to_signal(noise_multiplier, batch)
@@ -381,7 +381,7 @@ def check_plan(
                 pass
         fix += (
             ", or increase the budget — only with the approval of the site's data governance "
-            "(PrivacyLedger.change_budget, which is itself recorded)"
+            "(`fedtwin site budget-change --ledger LEDGER --epsilon NEW --reason WHY --approved-by WHO`, which is itself recorded)"
         )
         raise BudgetExceededError(
             f"refusing to train: {spent:.3f} of the epsilon budget {budget.epsilon:g} (delta {budget.delta:g}) is "

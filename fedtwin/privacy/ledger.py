@@ -316,8 +316,8 @@ class PrivacyLedger:
         if not path.is_file():
             raise PrivacyLedgerError(
                 f"privacy ledger {path} does not exist",
-                "pass the site's ledger file; if this site has never trained, create one with PrivacyLedger.create "
-                "(a lost ledger must be restored from backup, not re-created: re-creating it resets every budget)",
+                "pass the site's ledger file; a site's first training creates it (`fedtwin train local --budget-epsilon ... --delta ...`, or the first federated round from the site config's [privacy] budget); "
+                "a lost ledger must be restored from backup, not re-created: re-creating it resets every budget",
             )
         try:
             if read_only:
@@ -357,7 +357,7 @@ class PrivacyLedger:
         if not {"meta", "datasets", "budget_events", "entries"} <= tables or version is None:
             raise PrivacyLedgerError(
                 f"{self.path} is an SQLite file but not a FedTwin privacy ledger",
-                "pass the site's ledger file (created by PrivacyLedger.create)",
+                "pass the site's ledger file (the one its site config's [privacy] ledger or --ledger names)",
             )
         if version != SCHEMA_VERSION:
             raise PrivacyLedgerError(f"privacy ledger {self.path} has schema version {version}, expected {SCHEMA_VERSION}",
@@ -497,7 +497,7 @@ class PrivacyLedger:
         raise PrivacyLedgerError(
             f"dataset {dataset_id} already has a budget (epsilon {current.epsilon:g}, delta {current.delta:g}, "
             f"{row[0]} accountant); asked for epsilon {budget.epsilon:g}, delta {budget.delta:g}, {acct} accountant",
-            "a budget changes only by PrivacyLedger.change_budget(reason=..., approved_by=...), with the approval of "
+            "a budget changes only by `fedtwin site budget-change --ledger LEDGER --epsilon NEW --reason WHY --approved-by WHO` (PrivacyLedger.change_budget), with the approval of "
             "the site's data governance; the accountant of a dataset never changes",
         )
 

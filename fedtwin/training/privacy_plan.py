@@ -111,7 +111,7 @@ def open_or_create_ledger(path: Path, dataset_id: str, request: DPRequest) -> Pr
             f"--budget-epsilon {request.budget_epsilon:g} differs from the budget recorded for {dataset_id} "
             f"(epsilon {budget.epsilon:g}, delta {budget.delta:g})",
             "omit --budget-epsilon to use the recorded budget; a change needs the data governance's approval "
-            "(PrivacyLedger.change_budget, which is recorded)",
+            "(`fedtwin site budget-change --ledger LEDGER --epsilon NEW --reason WHY --approved-by WHO`, which is recorded)",
         )
     if request.delta is not None and not math.isclose(request.delta, budget.delta):
         ledger.close()
@@ -130,7 +130,7 @@ def _refuse_if_exhausted(dataset_id: str, spent: float, budget_epsilon: float, d
             f"the privacy budget of {dataset_id} is exhausted: epsilon {spent:.3f} of {budget_epsilon:g} "
             f"(delta {delta:g}) is already spent",
             "no further training on this data unless the site's data governance approves a larger budget "
-            "(PrivacyLedger.change_budget, which is recorded)",
+            "(`fedtwin site budget-change --ledger LEDGER --epsilon NEW --reason WHY --approved-by WHO`, which is recorded)",
         )
 
 
