@@ -109,9 +109,13 @@ def test_train_cli(hospitals: Path, tmp_path: Path) -> None:
     runner = CliRunner()
     args = ["train", "local", "--db", str(hospitals / "site_2.db"), "--spec", str(SPEC), "--ledger", str(tmp_path / "l.db"),
             "--epochs", "1", "--batch-size", "64"]
-    ok = runner.invoke(main.app, [*args, "--epsilon", "1", "--delta", "1e-5", "--budget-epsilon", "1", "--out", str(tmp_path / "a")])
+    ok = runner.invoke(main.app, [*args, "--epsilon", "0.5", "--delta", "1e-5", "--budget-epsilon", "1", "--out", str(tmp_path / "a")],
+                       env={"COLUMNS": "200"})
     assert ok.exit_code == 0, ok.output
-    assert "epsilon spent on this dataset now" in " ".join(ok.output.split())
+    assert "epsilon spent on this dataset now" in " ".join(ok.output.split()) and "did not fit" not in ok.output
+    capped = runner.invoke(main.app, [*args, "--epsilon", "5", "--out", str(tmp_path / "c")], env={"COLUMNS": "200"})
+    assert capped.exit_code == 0, capped.output  # the run that asks for more than fits is told so, not capped silently
+    assert "--epsilon 5 did not fit" in " ".join(capped.output.split()) and "of 1 (delta" in capped.output
     refused = runner.invoke(main.app, [*args, "--epsilon", "1", "--out", str(tmp_path / "b")])
     assert refused.exit_code != 0 and isinstance(refused.exception, BudgetExceededError)
     help_text = runner.invoke(main.app, ["train", "central", "--help"]).output

@@ -69,6 +69,12 @@ def local(
             f"clip {pl.max_grad_norm:g}; epsilon spent on this dataset now {result.epsilon_spent_total:.3f} "
             f"of {pl.budget_epsilon:g} (delta {pl.delta:g}, {pl.accountant} accountant)"
         )
+        if pl.target_epsilon < pl.spent_before + request.epsilon - 1e-9:
+            console.print(
+                f"[yellow]--epsilon {request.epsilon:g} did not fit: it would have brought the composed total to "
+                f"{pl.spent_before + request.epsilon:.3f}, above the budget {pl.budget_epsilon:g}; the noise was calibrated "
+                "for a total of the budget instead[/] (no further training on this dataset without `fedtwin site budget-change`)"
+            )
     else:
         console.print("[yellow]trained WITHOUT differential privacy (comparison run)[/]")
     if result.held_out:
