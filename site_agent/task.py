@@ -277,6 +277,7 @@ def _train_in_ledger(model, train, site, dataset_id: str, spec_hash_: str, setti
         max_grad_norm=settings.max_grad_norm,
         batch_size=settings.batch_size,
         epochs=settings.local_epochs,
+        budget_source=f"[privacy] epsilon of site {site.site.name}'s config",
     )
     ledger = open_or_create_ledger(site.privacy.ledger, dataset_id, request)
     try:

@@ -4,6 +4,7 @@ on real synthetic OMOP hospitals, real Opacus and a real ledger file."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from fedtwin.spec import load_spec
 from fedtwin.synth import SynthRequest, synthesize
 from fedtwin.training.central import train_central
 from fedtwin.training.local import LocalTrainingConfig, train_local
-from fedtwin.training.privacy_plan import DPRequest
+from fedtwin.training.privacy_plan import DPRequest, open_or_create_ledger
 from fedtwin.twin import FitConfig, load_model
 
 SPEC = Path(__file__).resolve().parents[1] / "specs" / "icu-hemodynamics.yaml"
@@ -85,8 +86,17 @@ def test_missing_ledger_and_budget_mismatch_are_refused(hospitals: Path, tmp_pat
     assert "--budget-epsilon" in err.value.fix
     assert not ledger.exists() and not (tmp_path / "run").exists()
     train_local(db, spec, tmp_path / "run", _cfg(ledger, 1.0, budget=5.0))
-    with pytest.raises(FedTwinError, match="differs from the budget recorded"):
+    with pytest.raises(FedTwinError, match="differs from the budget recorded") as err:
         train_local(db, spec, tmp_path / "run2", _cfg(ledger, 1.0, budget=9.0))
+    assert err.value.problem.startswith("--budget-epsilon 9 ") and err.value.fix.startswith("omit --budget-epsilon")
+    # a federated site's budget comes from its site config: the refusal names the config field, not a CLI option
+    site_request = replace(_cfg(ledger, 1.0, budget=9.0).dp, budget_source="[privacy] epsilon of site site_1's config")
+    with pytest.raises(FedTwinError, match="differs from the budget recorded") as err:
+        open_or_create_ledger(ledger, dataset_id_for_database(db.url, db.cdm_schema), site_request)
+    assert err.value.fix.startswith("set [privacy] epsilon of site site_1's config to 5 ")
+    with PrivacyLedger.open(ledger, read_only=True) as led:
+        [first] = led.status(led.datasets()[0]).budget_events
+    assert first.reason == "set by --budget-epsilon"
     with pytest.raises(FedTwinError, match="already exists"):
         train_local(db, spec, tmp_path / "run", _cfg(ledger, 1.0, budget=None, delta=None))
 

@@ -31,6 +31,7 @@ class DPRequest:
     max_grad_norm: float = 1.0
     batch_size: int = 256
     epochs: float = 3.0
+    budget_source: str = "--budget-epsilon"  # where budget_epsilon came from: named in the ledger note and in errors
 
 
 @dataclass(frozen=True)
@@ -103,14 +104,16 @@ def open_or_create_ledger(path: Path, dataset_id: str, request: DPRequest) -> Pr
                 f"the ledger {path} has no budget for dataset {dataset_id}",
                 "pass --budget-epsilon TOTAL and --delta D to set this dataset's budget (recorded in the ledger)",
             )
-        ledger.set_budget(dataset_id, epsilon=request.budget_epsilon, delta=request.delta, note="set by fedtwin train local")
+        ledger.set_budget(dataset_id, epsilon=request.budget_epsilon, delta=request.delta, note=f"set by {request.budget_source}")
     budget = ledger.budget(dataset_id)
     if request.budget_epsilon is not None and not math.isclose(request.budget_epsilon, budget.epsilon):
         ledger.close()
+        source = request.budget_source
+        use_recorded = f"omit {source}" if source.startswith("--") else f"set {source} to {budget.epsilon:g}"
         raise FedTwinError(
-            f"--budget-epsilon {request.budget_epsilon:g} differs from the budget recorded for {dataset_id} "
+            f"{source} {request.budget_epsilon:g} differs from the budget recorded for {dataset_id} "
             f"(epsilon {budget.epsilon:g}, delta {budget.delta:g})",
-            "omit --budget-epsilon to use the recorded budget; a change needs the data governance's approval "
+            f"{use_recorded} to use the recorded budget; a change needs the data governance's approval "
             "(`fedtwin site budget-change --ledger LEDGER --epsilon NEW --reason WHY --approved-by WHO`, which is recorded)",
         )
     if request.delta is not None and not math.isclose(request.delta, budget.delta):
