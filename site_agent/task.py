@@ -152,7 +152,10 @@ def run_round(site_config_path: str | Path, parameters: list, settings: RoundSet
     if settings.spec_hash != own:
         raise SiteRefusal(
             f"site {name} refuses round {settings.server_round}: the coordinator's spec hash "
-            f"{settings.spec_hash[:12]} is not the site's spec hash {own[:12]} ({site.data.spec.name})"
+            f"{settings.spec_hash[:12]} is not the site's spec hash {own[:12]} ({site.data.spec.name}). Fix: the site "
+            f"and the study must use the same twin spec: compare `fedtwin spec validate {site.data.spec}` (it prints "
+            "the hash) with the study's spec, then point [data] spec of the site config at the study's spec and approve "
+            "it (`fedtwin site approve`), or ask the coordinator which spec the study uses"
         )
     from fedtwin.code_version import code_version
     from site_agent.approval import check_study_approved
