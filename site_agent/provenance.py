@@ -14,6 +14,7 @@ the coordinator's copy.
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -64,10 +65,24 @@ def data_source(cohort, db, threshold: int, count_step: int):  # noqa: ANN001
                       n_patients=max(count_step, (n // count_step) * count_step))
 
 
-def quality_report_hash(site, db, spec, threshold: int) -> str:  # noqa: ANN001
-    """The hash of the site's data-quality report on the spec, recomputed only when the data changed.
+@dataclass(frozen=True)
+class QualityVerdict:
+    """What a site's data-quality gate said about its database, as a round needs it.
 
-    Running every check takes seconds per round; for an SQLite database the hash is kept in
+    ``blocking_failures`` are check keys only (``measurement_value_plausible.map``): the counts
+    behind them stay in the suppressed report that ``fedtwin site check`` prints at the site.
+    """
+
+    report_hash: str
+    blocking_failures: tuple[str, ...]
+
+
+def quality_verdict(site, db, spec, threshold: int) -> QualityVerdict:  # noqa: ANN001
+    """The site's data-quality verdict on the spec, recomputed only when the data changed.
+
+    A round needs it twice: before any training (a database that fails a blocking check must not
+    train: the site refuses and spends nothing) and in the signed manifest (the report's hash).
+    Running every check takes seconds per round; for an SQLite database the verdict is kept in
     ``<site>.quality-cache.json`` beside the ledger, keyed by the spec hash, the threshold and the
     file's size and modification time, so an unchanged file is not checked again. A server database
     (PostgreSQL) gives no such cheap change signal: it is checked every round.
@@ -90,13 +105,15 @@ def quality_report_hash(site, db, spec, threshold: int) -> str:  # noqa: ANN001
         try:
             saved = json.loads(cache.read_text())
             if saved.get("key") == key:
-                return str(saved["report_hash"])
-        except (ValueError, KeyError, OSError):
-            pass  # an unreadable cache is recomputed
-    h = run_quality_checks(db, spec, threshold).report_hash
+                return QualityVerdict(str(saved["report_hash"]), tuple(str(k) for k in saved["blocking_failures"]))
+        except (ValueError, KeyError, TypeError, OSError):
+            pass  # an unreadable or older cache is recomputed
+    report = run_quality_checks(db, spec, threshold)
+    verdict = QualityVerdict(report.report_hash, tuple(r.key for r in report.blocking_failures))
     if key is not None:
-        atomic_write_text(cache, json.dumps({"key": key, "report_hash": h}) + os.linesep)
-    return h
+        atomic_write_text(cache, json.dumps({"key": key, "report_hash": verdict.report_hash,
+                                             "blocking_failures": list(verdict.blocking_failures)}) + os.linesep)
+    return verdict
 
 
 def sign_manifest(

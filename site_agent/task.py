@@ -144,6 +144,7 @@ def run_round(site_config_path: str | Path, parameters: list, settings: RoundSet
     from fedtwin.spec import load_spec, spec_hash
     from fedtwin.training.split import train_test_split
     from fedtwin.twin import TwinModel, get_parameters, set_parameters
+    from site_agent import provenance
 
     site = load_site_config(site_config_path)
     name = site.site.name
@@ -168,6 +169,14 @@ def run_round(site_config_path: str | Path, parameters: list, settings: RoundSet
         raise SiteRefusal(f"epsilon-per-site must be a positive number, got {settings.epsilon!r}")
 
     db = open_database(site.data.database, site.data.cdm_schema)
+    quality = provenance.quality_verdict(site, db, spec, site.privacy.suppression_threshold)
+    if quality.blocking_failures:  # before any extraction or training: a refusal spends nothing
+        raise SiteRefusal(
+            f"site {name} refuses round {settings.server_round}: its database fails blocking data-quality checks "
+            f"for spec {spec.name}: {', '.join(quality.blocking_failures)}. Fix: run `fedtwin site check --db DATABASE "
+            f"--spec {site.data.spec}` (DATABASE = [data] database of the site config) to see each check and its fix, "
+            "correct the data or the ETL, then rejoin"
+        )
     extractor = Extractor(db, spec)
     cohort = extractor.extract()
     train, test = train_test_split(cohort)
@@ -203,13 +212,14 @@ def run_round(site_config_path: str | Path, parameters: list, settings: RoundSet
     check_update(new, settings.clipping_range)
     if site.audit.outbox is not None:
         keep_outbox_copy(site.audit.outbox, settings, new, num_examples, statistics)
-    manifest = _signed_manifest(site, settings, spec, own, db, cohort, extractor.stats, received, plan, spent)
+    manifest = _signed_manifest(site, settings, spec, own, db, cohort, extractor.stats, received, plan, spent, quality.report_hash)
     if statistics is not None:
         new.append(statistics[1])
     return RoundResult(parameters=new, num_examples=num_examples, epsilon_spent=spent, site=name, manifest_json=manifest.to_json())
 
 
-def _signed_manifest(site, settings: RoundSettings, spec, own_hash: str, db, cohort, stats, received: list, plan, spent: float):
+def _signed_manifest(site, settings: RoundSettings, spec, own_hash: str, db, cohort, stats, received: list, plan, spent: float,
+                     quality_report_hash: str):
     """Sign this round's manifest and keep it (and the previous round's record) in the site's log."""
     from fedtwin.extract.summary import summarize
     from site_agent import provenance
@@ -218,7 +228,7 @@ def _signed_manifest(site, settings: RoundSettings, spec, own_hash: str, db, coh
     manifest = provenance.sign_manifest(
         site, study_id=settings.study_id, server_round=settings.server_round, spec_hash=own_hash,
         summary=summarize(cohort, stats, threshold),
-        quality_report_hash=provenance.quality_report_hash(site, db, spec, threshold),
+        quality_report_hash=quality_report_hash,
         dp_plan=plan, epsilon_spent=spent, received=received,
         source=provenance.data_source(cohort, db, threshold, settings.count_step),
     )

@@ -135,7 +135,10 @@ def test_the_quality_report_hash_is_recomputed_only_when_the_database_file_chang
     from fedtwin.omop.database import open_database
     from fedtwin.quality.runner import run_quality_checks
     from fedtwin.spec import load_spec
-    from site_agent.provenance import quality_report_hash
+    from site_agent.provenance import quality_verdict
+
+    def quality_report_hash(*args):  # noqa: ANN002, ANN202
+        return quality_verdict(*args).report_hash
 
     _, _, cfg = site
     spec = load_spec(SPEC)
@@ -150,3 +153,47 @@ def test_the_quality_report_hash_is_recomputed_only_when_the_database_file_chang
     os.utime(cfg.data.database, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # the file changed
     assert quality_report_hash(cfg, db, spec, 10) == real
     assert quality_report_hash(cfg, db, spec, 11) == run_quality_checks(db, spec, 11).report_hash  # another threshold
+
+
+def test_a_database_failing_a_blocking_quality_check_is_refused_before_any_training(site, tmp_path: Path) -> None:
+    import shutil
+    import sqlite3
+    import tomllib
+
+    import numpy as np
+    import tomli_w
+
+    from fedtwin.federation.config import load_site_config
+    from fedtwin.omop.database import open_database
+    from fedtwin.privacy.ledger import PrivacyLedger, dataset_id_for_database
+    from fedtwin.spec import load_spec
+    from fedtwin.twin import TwinModel, get_parameters
+    from site_agent.task import SiteRefusal, run_round
+
+    root, path, cfg = site
+    bad_db = tmp_path / "negative-doses.sqlite"
+    shutil.copyfile(cfg.data.database, bad_db)
+    with sqlite3.connect(bad_db) as con:  # an ETL that writes every dose with the wrong sign
+        con.execute("UPDATE drug_exposure SET quantity = -quantity WHERE quantity > 0")
+    data = tomllib.loads(path.read_text())
+    data["data"]["database"] = str(bad_db)
+    bad_cfg = path.with_name("site_1-bad-doses.toml")
+    bad_cfg.write_text(tomli_w.dumps(data))
+    try:
+        start = [np.asarray(a, dtype=np.float32) for a in get_parameters(TwinModel(load_spec(SPEC)))]
+        with pytest.raises(SiteRefusal) as refusal:
+            run_round(bad_cfg, start, _settings(1))
+        message = str(refusal.value)
+        assert "fails blocking data-quality checks" in message and "drug_quantity_not_negative.insulin" in message
+        assert "fedtwin site check --db DATABASE" in message and str(bad_db) not in message  # no database location
+        site_cfg = load_site_config(bad_cfg)
+        db = open_database(site_cfg.data.database, site_cfg.data.cdm_schema)
+        if Path(site_cfg.privacy.ledger).exists():  # the refusal spent nothing (no budget was even set)
+            with PrivacyLedger.open(site_cfg.privacy.ledger, read_only=True) as ledger:
+                assert dataset_id_for_database(db.url, db.cdm_schema) not in ledger.datasets()
+        run_round(path, start, _settings(1))  # the same site on its clean database trains
+        with PrivacyLedger.open(site_cfg.privacy.ledger, read_only=True) as ledger:
+            assert dataset_id_for_database(db.url, db.cdm_schema) not in ledger.datasets()
+            assert len(ledger.datasets()) >= 1
+    finally:
+        bad_cfg.unlink()
