@@ -26,6 +26,10 @@ MLFLOW_RE = re.compile(r"FEDTWIN tracking uri=(\S+) experiment=(\S+) mlflow_run=
 SITE_ERROR_RE = re.compile(r"FEDTWIN site_error round=(\d+) node=(\d+) site=(\S+) reason=(.*)$", re.M)
 EVALUATION_RE = re.compile(r"FEDTWIN evaluation round=(\d+) status=(\w+) sites=(\d+)")
 EVAL_METRICS_RE = re.compile(r"FEDTWIN evaluation model_round=(\d+) (.*)$", re.M)
+REFUSED_RE = re.compile(r"FEDTWIN (provenance_error|aggregate_error) round=(\d+) (.*)$", re.M)  # the coordinator refused an aggregate
+TRACKING_ERROR_RE = re.compile(r"FEDTWIN tracking_error (.*)$", re.M)
+TRACKING_RECOVERED_RE = re.compile(r"FEDTWIN tracking_recovered (.*)$", re.M)
+TRACKING_LOST_RE = re.compile(r"FEDTWIN tracking_lost unwritten=(\d+) what=(\S*) uri=(\S+) records=(\S+)")
 
 
 @dataclass
@@ -104,8 +108,33 @@ def build_run_config(
     return cfg
 
 
-def _progress(echo: Callable[[str], None]) -> Callable[[str], None]:
+def consortium_node_names(root: Path) -> dict[str, str]:
+    """node id -> site name, from the consortium's ``state/nodes.json`` (written by ``up``; empty if absent).
+
+    The ServerApp only learns a site's name from the site's own reply, so a site that dies before
+    replying is printed as ``site=?``; the consortium knows which key (site) holds that node id.
+    """
+    import json
+
+    from coordinator.consortium.layout import Layout
+
+    try:
+        nodes = json.loads(Layout.at(root).nodes_file.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {str(node): str(site) for site, node in nodes.items()} if isinstance(nodes, dict) else {}
+
+
+def _site_name(site: str, node: str, names: dict[str, str]) -> str:
+    """The site's name as the ServerApp printed it, else from the consortium's node map, else ``node N``."""
+    if site != "?":
+        return site
+    return names.get(node) or f"node {node}"
+
+
+def _progress(echo: Callable[[str], None], names: dict[str, str] | None = None) -> Callable[[str], None]:
     """Echo the ServerApp's round, site-error and evaluation lines as they arrive."""
+    names = names or {}
 
     def on_line(line: str) -> None:
         if m := ROUND_RE.search(line):
@@ -113,13 +142,27 @@ def _progress(echo: Callable[[str], None]) -> Callable[[str], None]:
             echo(f"round {r}: {status} ({n} site{'s' if n != '1' else ''})")
         elif m := SITE_ERROR_RE.search(line):
             r, node, site, why = m.groups()
-            echo(f"site error: round {r}, site {site if site != '?' else 'node ' + node}: {why.strip()}")
+            echo(f"site error: round {r}, site {_site_name(site, node, names)}: {why.strip()}")
         elif m := EVALUATION_RE.search(line):
             echo(f"final evaluation: {m.group(2)} ({m.group(3)} sites)")
         elif m := EVAL_METRICS_RE.search(line):
             echo(f"round-{m.group(1)} model scored on held-out patients: {m.group(2)}")
+        elif m := REFUSED_RE.search(line):
+            echo(f"coordinator check failed: round {m.group(2)}: {m.group(3).strip()}")
+        elif m := TRACKING_ERROR_RE.search(line):
+            echo(f"MLflow write failed, kept and retried: {m.group(1).strip()}")
+        elif m := TRACKING_RECOVERED_RE.search(line):
+            echo(f"MLflow reachable again: {m.group(1).strip()}")
 
     return on_line
+
+
+def _superlink_alive(root: Path) -> bool:
+    """Whether the consortium's SuperLink process is running (after a run whose status could not be read)."""
+    from coordinator.consortium import processes
+    from coordinator.consortium.layout import Layout
+
+    return any(r.name == "superlink" and r.alive() for r in processes.records(Layout.at(root)))
 
 
 def _is_float(text: str) -> bool:
@@ -219,13 +262,14 @@ def launch(config: str | Path, consortium: str | Path | None = None, *, resume: 
     if echo:
         echo(f"launching study {run_config['study-id']} on {root}: rounds={run_config['num-rounds']} resume={resume} "
              f"secagg={run_config['secagg']} min_sites={run_config['min-sites']}")
-    res = run_app(root, app_dir, run_config, stream=True, timeout=timeout, on_line=_progress(echo) if echo else None)
+    names = consortium_node_names(root)
+    res = run_app(root, app_dir, run_config, stream=True, timeout=timeout, on_line=_progress(echo, names) if echo else None)
     out = res.output
     outcomes = [RoundOutcome(int(r), s, int(n)) for r, s, n in ROUND_RE.findall(out)]
     ckpts = [p for _, p in CKPT_LINE_RE.findall(out)]
     m = MLFLOW_RE.search(out)
     result = LaunchResult(res.run_id, False, "", outcomes, ckpts, m.group(3) if m else None, out, run_config)
-    result.site_errors = [f"round {r}, site {site if site != '?' else 'node ' + node}: {why.strip()}"
+    result.site_errors = [f"round {r}, site {_site_name(site, node, names)}: {why.strip()}"
                           for r, node, site, why in SITE_ERROR_RE.findall(out)]
     ev = EVALUATION_RE.search(out)
     result.evaluation = RoundOutcome(int(ev.group(1)), ev.group(2), int(ev.group(3))) if ev else None
@@ -236,13 +280,27 @@ def launch(config: str | Path, consortium: str | Path | None = None, *, resume: 
     expected = list(range(first, int(run_config["num-rounds"]) + 1))
     if res.returncode == -1:
         result.message = f"run {res.run_id} timed out after {timeout:.0f} s (stopped on the SuperLink)"
+    elif res.status is None and not _superlink_alive(root):
+        last = ckpts[-1] if ckpts else "none written by this launch"
+        result.message = (f"run {res.run_id}: the SuperLink stopped during the run (see {Path(root) / 'logs' / 'superlink.log'}); "
+                          f"the rounds checkpointed before are kept (last checkpoint: {last}), the round under way is not. "
+                          f"Fix: `fedtwin consortium up {root}` (it stops what is left of the consortium and starts it again), "
+                          f"then `fedtwin coordinator launch --config {config} --resume`")
     elif not res.ok:
         why = _server_error(out)
         result.message = f"run {res.run_id} ended {res.status}:{res.sub_status}" + (f": {why}" if why else "")
     elif halted:
-        why = f" Sites said: {'; '.join(result.site_errors)}" if result.site_errors else " (see the sites' logs)"
+        refused = [f"round {r}: {why.strip()}" for _, r, why in REFUSED_RE.findall(out) if int(r) in halted]
+        why = f" The coordinator refused the aggregate: {'; '.join(refused)}." if refused else ""
+        why += f" Sites said: {'; '.join(result.site_errors)}" if result.site_errors else ("" if refused else " (see the sites' logs)")
         result.message = (f"run {res.run_id}: round(s) {', '.join(map(str, halted))} halted (a site failed or refused, or too few "
                           f"sites reached the SecAgg+ threshold); not checkpointed.{why}")
+    elif lost := TRACKING_LOST_RE.search(out):
+        n, what, uri, records = lost.groups()
+        result.message = (f"run {res.run_id}: the training finished (checkpoints in {run_config['checkpoint-dir']}) but {n} MLflow "
+                          f"write(s) never reached {uri} ({what}): the tracking server stayed unreachable for the whole retry "
+                          f"window. The signed round records in {records} hold the same metrics; bring the server back and "
+                          f"check the run with `fedtwin audit verify`.")
     elif [o.round for o in outcomes] != expected:
         result.message = f"run {res.run_id}: expected rounds {expected}, the ServerApp reported {[o.round for o in outcomes]}"
     else:

@@ -22,7 +22,12 @@ ledger entries with it) and ``final-evaluation.json`` (the evaluation round's re
 
 Tracking (``mlflow-tracking-uri`` non-empty): :class:`fedtwin.tracking.run_tracker.RoundTracker` opens the
 study's MLflow run before the first round (an unusable store fails the run then) and logs every
-round; the run id lives in ``checkpoint-dir`` so that a resumed run continues it.
+round; the run id lives in ``checkpoint-dir`` so that a resumed run continues it. A write that
+fails (the tracking server is down) is kept and retried in order
+(:class:`fedtwin.tracking.run_tracker.BufferedWrites`: ``FEDTWIN tracking_error ...`` lines, then
+``FEDTWIN tracking_recovered ...``); the end of the run retries for up to 10 minutes, and what
+still could not be written is named in ``FEDTWIN tracking_lost unwritten=N what=... records=DIR``
+(the signed round records on disk hold the same metrics).
 
 Printed lines (``coordinator.launch`` reads them): ``FEDTWIN round=R status=completed|halted
 sites=N`` per training round (a SecAgg+ round below the reconstruction threshold is "halted":
@@ -141,6 +146,9 @@ class FedTwinFedAvg(FedAvg):
             if isinstance(m.get("epsilon_spent"), (int, float)):
                 eps[site] = float(m["epsilon_spent"])
         self.log.epsilon[server_round] = eps
+        if params is not None and self.guard is not None and not self._aggregate_accepted(server_round, results, params):
+            self.log.results[server_round] = 0
+            return None, {}
         if params is not None and self.keeper is not None and not self._manifests_accepted(server_round, results):
             self.log.results[server_round] = 0
             return None, {}
@@ -161,6 +169,19 @@ class FedTwinFedAvg(FedAvg):
             self.latest = model_params
         return model_params, metrics
 
+
+    guard = None  # coordinator.aggregate_guard.AggregateGuard: set by main()
+
+    def _aggregate_accepted(self, server_round: int, results, params) -> bool:
+        """Refuse an aggregate no set of honest updates can produce (coordinator/aggregate_guard.py)."""
+        counts = [(self.log.site_names.get(int(getattr(p, "node_id", 0) or 0), "?"), int(r.num_examples)) for p, r in results]
+        problems = self.guard.problems(counts, parameters_to_ndarrays(params)[: self.n_params])
+        for problem in problems:
+            print(f"FEDTWIN aggregate_error round={server_round} {' '.join(problem.split())[:600]}", flush=True)
+        if problems:
+            print(f"FEDTWIN aggregate_error round={server_round} the aggregate is refused: the round halts and the "
+                  f"global model stays as it was", flush=True)
+        return not problems
 
     def _manifests_accepted(self, server_round: int, results) -> bool:
         """Check every site's signed manifest; refuse the aggregate if any is missing or wrong."""
@@ -194,6 +215,7 @@ class ErrorReportingGrid:
     def send_and_receive(self, messages, *args, **kwargs):
         messages = list(messages)
         replies = list(self._grid.send_and_receive(messages, *args, **kwargs))
+        replies += self._late_replies(messages, replies)
         # a "node unavailable" reply comes from the SuperLink itself (src_node_id = the SuperLink's
         # id): name the site by the message it answers (message ids are set when pushed)
         to = {m.metadata.message_id: int(m.metadata.dst_node_id) for m in messages}
@@ -202,6 +224,27 @@ class ErrorReportingGrid:
                 node = to.get(msg.metadata.reply_to_message_id, int(msg.metadata.src_node_id))
                 self._log.site_error(self._log.round, node, _refusal_text(msg.error.reason))
         return replies
+
+
+    def _late_replies(self, messages, replies) -> list:
+        """Replies that reached the SuperLink while the grid was blocked: pulled once more, not dropped.
+
+        Why: Flower's grid pulls the replies available so far, one message at a time; a reply
+        whose sender died while uploading it (a site SIGKILLed mid-stage) blocks that pull until
+        the SuperLink's object-push session expires (180 s), then comes back as an error. By
+        then the stage's timeout has passed and the grid returns without pulling the replies the
+        other sites sent meanwhile: the stage saw only the error and SecAgg+ halted a round the
+        survivors could complete. One more pull for the unanswered messages keeps those replies.
+        """
+        answered = {m.metadata.reply_to_message_id for m in replies}
+        missing = [m.metadata.message_id for m in messages if m.metadata.message_id and m.metadata.message_id not in answered]
+        if not missing or not hasattr(self._grid, "pull_messages"):
+            return []
+        late = list(self._grid.pull_messages(missing))
+        if late:
+            print(f"FEDTWIN note: round {self._log.round}: {len(late)} reply(ies) pulled after the stage's wait ended "
+                  f"(the wait was blocked by a reply that never finished uploading)", flush=True)
+        return late
 
 
 def _refusal_text(reason: str) -> str:
@@ -227,9 +270,24 @@ class ReportingSecAggPlusWorkflow(SecAggPlusWorkflow):
             if not step(grid, context, state):
                 completed = False
                 break
+            if step == self.share_keys_stage:
+                forget_nodes_without_shares(state)
         r = self.log.round
         sites = self.log.results.get(r, 0) if completed else len(state.active_node_ids)
         self.log.report(r, completed and self.log.results.get(r, 0) > 0, sites)
+
+
+def forget_nodes_without_shares(state: WorkflowState) -> None:
+    """After SecAgg+'s share-keys stage: only the nodes that shared their keys count as sampled.
+
+    Why: Flower 1.41's unmask stage treats every sampled node that is no longer active as a
+    dropped node whose pairwise masks must be removed, and asks the survivors for shares of its
+    secret key. A node that dropped out in stage 0 or 1 (before its key shares were forwarded)
+    masked nothing and left no shares, so each survivor's ClientApp failed with ``KeyError:
+    <node id>`` and a round the survivors could complete halted. Nodes that shared their keys
+    and dropped later are still "dead" with shares held by the others, as SecAgg+ intends.
+    """
+    state.sampled_node_ids = set(state.active_node_ids)
 
 
 class ReportingPlainFitWorkflow:
@@ -401,11 +459,14 @@ def _log_attachments(tracker, keeper) -> None:
         tracker.client.log_dict(tracker.run_id, doc, f"provenance/{name}.json")
 
 
-def _track(call, server_round: int) -> None:
-    try:
-        call()
-    except Exception as exc:  # noqa: BLE001 - tracking must not lose a trained round
-        print(f"FEDTWIN warning: MLflow logging of round {server_round} failed: {type(exc).__name__}: {exc}", flush=True)
+def _track(writes, what: str, call) -> None:
+    """Write to MLflow through ``writes`` (:class:`fedtwin.tracking.run_tracker.BufferedWrites`).
+
+    A write that fails is kept and retried (in order) instead of being dropped: the round is
+    already checkpointed and signed on disk, and MLflow must end up holding it too. ``call`` runs
+    later if the server is down, so it must bind its values now (default arguments), not late.
+    """
+    writes.submit(what, call)
 
 
 app = ServerApp()
@@ -456,10 +517,11 @@ def main(grid, context) -> None:
     remaining = rounds - start + 1
 
     tracker = None
+    writes = None  # BufferedWrites: the run's MLflow writes, retried while the server is down
     uri = str(cfg.get("mlflow-tracking-uri", "")).strip()
     if uri:
         from fedtwin.code_version import code_version
-        from fedtwin.tracking.run_tracker import RoundTracker
+        from fedtwin.tracking.run_tracker import BufferedWrites, RoundTracker
 
         study = str(cfg.get("study-id", "")).strip() or "fedtwin"
         params_logged = {
@@ -477,6 +539,7 @@ def main(grid, context) -> None:
                     params_logged["secagg." + k.replace("-", "_")] = cfg[k]
         run_dir = Path(ckpt_dir) if ckpt_dir else None
         tracker = RoundTracker(uri, study, run_dir, params_logged, resume=resume)  # fails here, before round 1
+        writes = BufferedWrites()
         print(f"FEDTWIN tracking uri={uri} experiment={study} mlflow_run={tracker.run_id}", flush=True)
 
     n = int(cfg["min-sites"])
@@ -486,7 +549,7 @@ def main(grid, context) -> None:
     training_id = training_id_for(ckpt_dir, resume, f"flwr-run-{context.run_id}")
     keeper = _open_keeper(cfg, spec, h, ckpt_dir, resume, training_id)
     if keeper is not None and tracker is not None:
-        _track(lambda: _log_attachments(tracker, keeper), 0)
+        _track(writes, "attachments", lambda: _log_attachments(tracker, keeper))
     holder: dict = {}
 
     def on_round(r: int, completed: bool, sites: int) -> None:
@@ -514,24 +577,26 @@ def main(grid, context) -> None:
             )
             print(f"FEDTWIN provenance round={r} record={rec.record_hash()[:16]} status={rec.status}", flush=True)
             if tracker is not None and completed and not final:
-                _track(lambda: _log_dp_params(tracker, log.manifests.get(r, [])), r)
+                _track(writes, f"round={r} dp_params", lambda m=list(log.manifests.get(r, [])): _log_dp_params(tracker, m))
             if tracker is not None and path is not None:
-                _track(lambda: tracker.log_file(path, "provenance"), r)
+                _track(writes, f"round={r} provenance_record", lambda p=path: tracker.log_file(p, "provenance"))
         if final:
             if tracker is not None and report is not None:
-                _track(lambda: tracker.log_evaluation(rounds, report, "final"), r)
+                _track(writes, f"round={r} final_evaluation", lambda rep=report: tracker.log_evaluation(rounds, rep, "final"))
                 # kept per evaluation round too: a training extended later has more than one
-                _track(lambda: tracker.client.log_dict(tracker.run_id, report, f"evaluation/evaluation-round-{r:04d}.json"), r)
+                _track(writes, f"round={r} evaluation_report",
+                       lambda rep=report, name=f"evaluation/evaluation-round-{r:04d}.json": tracker.client.log_dict(tracker.run_id, rep, name))
             return
         if completed and ckpt_dir:
             path = write_checkpoint(ckpt_dir, r, h, latest)
             print(f"FEDTWIN checkpoint round={r} path={path}", flush=True)
             if tracker is not None:
-                _track(lambda: tracker.log_file(path, "models"), r)
+                _track(writes, f"round={r} checkpoint", lambda p=path: tracker.log_file(p, "models"))
         if tracker is not None:
-            _track(lambda: tracker.log_metrics(r, {k: v for k, v in metrics.items() if k not in evaluated}), r)
+            _track(writes, f"round={r} metrics",
+                   lambda m={k: v for k, v in metrics.items() if k not in evaluated}: tracker.log_metrics(r, m))
             if report is not None:  # scores the model received in round r: the result of round r - 1
-                _track(lambda: tracker.log_evaluation(r - 1, report, f"round-{r - 1:04d}"), r)
+                _track(writes, f"round={r} evaluation", lambda rep=report: tracker.log_evaluation(r - 1, rep, f"round-{r - 1:04d}"))
 
     log = RoundLog(on_round, evaluation_round)
     encoding = None
@@ -560,6 +625,9 @@ def main(grid, context) -> None:
         # bounds sampling), so failures must not void a round it completed
         accept_failures=True,
     )
+    from coordinator.aggregate_guard import AggregateGuard
+
+    strategy.guard = AggregateGuard.from_run_config(cfg)
     holder["strategy"] = strategy
     total_rounds = max(remaining, 0) + (1 if evaluation_round else 0)
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=total_rounds), strategy=strategy)
@@ -588,13 +656,15 @@ def main(grid, context) -> None:
             DefaultWorkflow(fit_workflow=OffsetRounds(fit_workflow, start - 1))(grid, legacy)
         failed = any(st != "completed" for r, st in log.status.items() if r != evaluation_round)
         if not failed and keeper is not None and tracker is not None and evaluation_round in log.reports:
-            _track(lambda: _release(tracker, keeper, log, strategy, rounds, ckpt_dir, spec_path, spec), evaluation_round)
+            _track(writes, "release", lambda: _release(tracker, keeper, log, strategy, rounds, ckpt_dir, spec_path, spec))
     finally:
         if tracker is not None:
-            try:
-                tracker.close(failed=failed)
-            except Exception as exc:  # noqa: BLE001
-                print(f"FEDTWIN warning: closing the MLflow run failed: {exc}", flush=True)
+            _track(writes, "close_run", lambda f=failed: tracker.close(failed=f))
+            if not writes.drain():
+                # nothing of the training itself is lost (checkpoints and signed records are on
+                # disk), but MLflow misses these writes: say so, and launch fails with it
+                print(f"FEDTWIN tracking_lost unwritten={len(writes.unwritten())} what={','.join(writes.unwritten())} "
+                      f"uri={uri} records={Path(ckpt_dir) / 'provenance' if ckpt_dir else '-'}", flush=True)
 
     final = parameters_to_ndarrays(strategy.latest)
     if evaluation_round is not None and evaluation_round in log.reports and ckpt_dir:

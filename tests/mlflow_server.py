@@ -62,6 +62,50 @@ def _stop(proc: subprocess.Popen) -> None:
             continue
 
 
+def start_mlflow_server(tmp_path: Path, backend_uri: str, port: int, *, timeout: float = 120.0) -> subprocess.Popen:
+    """Start ``mlflow server`` on 127.0.0.1:``port`` (its own process group) and wait for /health.
+
+    For tests that stop the server and start it again on the same port and stores (the fault
+    tests); stop it with ``stop_mlflow_server``. The log is appended to ``<tmp_path>/mlflow-server.log``.
+    """
+    url = f"http://127.0.0.1:{port}"
+    artifacts = Path(tmp_path) / "mlflow-server-artifacts"
+    artifacts.mkdir(parents=True, exist_ok=True)
+    log_path = Path(tmp_path) / "mlflow-server.log"
+    cmd = [
+        str(MLFLOW), "server",
+        "--backend-store-uri", backend_uri,
+        "--artifacts-destination", str(artifacts),
+        "--host", "127.0.0.1", "--port", str(port),
+        "--workers", "1",
+    ]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                cwd=str(tmp_path), start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while not _healthy(url):
+        if proc.poll() is not None:
+            raise RuntimeError(f"mlflow server exited with code {proc.returncode} before answering /health; see {log_path}")
+        if time.monotonic() > deadline:
+            _stop(proc)
+            raise RuntimeError(f"mlflow server did not answer {url}/health within {timeout:.0f} s; see {log_path}")
+        time.sleep(0.5)
+    return proc
+
+
+def stop_mlflow_server(proc: subprocess.Popen, *, kill: bool = False) -> None:
+    """Stop a server from ``start_mlflow_server``: SIGKILL of its process group (``kill``), else SIGTERM then SIGKILL."""
+    if kill and proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=30)
+        return
+    _stop(proc)
+
+
 @contextmanager
 def running_mlflow_server(tmp_path: Path, backend_uri: str, *, timeout: float = 120.0) -> Iterator[str]:
     """Start ``mlflow server`` on ``backend_uri`` for the block; yields its URL ``http://127.0.0.1:PORT``."""

@@ -295,6 +295,42 @@ def test_plan_validation(site: Site, tmp_path: Path) -> None:
     assert result.stdout == ""
 
 
+
+def test_cli_whatif_refuses_a_tampered_model_file(site: Site, tmp_path: Path) -> None:
+    """The clinician's path: an edited model file is refused (exit 2) before any patient data is
+    read; a forger who also rewrites the file's digests is stopped by --expect-digest."""
+    from fedtwin.twin.io import _content_digest, model_parameters_digest
+
+    pid = str(int(site.test.person_ids[0]))
+    plan = str(REPO / "specs" / "plans" / "icu-no-vasopressor.yaml")
+    payload = torch.load(site.model_path, weights_only=True)
+    name = next(iter(payload["state_dict"]))
+    tampered = dict(payload, state_dict={**payload["state_dict"], name: payload["state_dict"][name] * 1.5})
+    torch.save(tampered, tmp_path / "tampered.pt")
+    png = tmp_path / "wi.png"
+    result = _run("whatif", "--model", str(tmp_path / "tampered.pt"), "--db", str(site.db), "--spec", str(ICU),
+                  "--person-id", pid, "--plan", plan, "--out", str(png))
+    assert result.exit_code == 2 and result.stdout == "" and not png.exists()
+    text = " ".join(result.stderr.split())
+    assert f"but the file records {payload['parameters_digest']}" in text and "Fix: do not use this file" in text, text
+
+    forged = dict(tampered)  # a forger who knows the recipe rewrites the embedded digests
+    m = load_model(site.model_path)
+    with torch.no_grad():
+        dict(m.named_parameters())[name].mul_(1.5)
+    forged["parameters_digest"] = model_parameters_digest(m)
+    forged["content_digest"] = _content_digest(forged)
+    torch.save(forged, tmp_path / "forged.pt")
+    released = payload["parameters_digest"][:16]  # what the model card / registry tag says
+    result = _run("whatif", "--model", str(tmp_path / "forged.pt"), "--db", str(site.db), "--spec", str(ICU),
+                  "--person-id", pid, "--plan", plan, "--out", str(png), "--expect-digest", released)
+    assert result.exit_code == 2 and result.stdout == "" and not png.exists()
+    assert f"not the expected {released}" in " ".join(result.stderr.split())
+    ok = _run("whatif", "--model", str(site.model_path), "--db", str(site.db), "--spec", str(ICU), "--person-id", pid,
+              "--plan", plan, "--out", str(png), "--samples", "4", "--expect-digest", released)
+    assert ok.exit_code == 0, ok.output + ok.stderr
+    assert f"parameters digest {released}" in ok.stdout
+
 def test_cli_whatif_one_patient_and_unknown_person(site: Site, tmp_path: Path) -> None:
     h = site.test.history_steps
     i = int(np.flatnonzero(site.test.doses[:, h:, 0].sum(axis=1) > 0)[0])  # on norepinephrine

@@ -70,6 +70,50 @@ def federation(tmp_path_factory: pytest.TempPathFactory):
         yield root
 
 
+def test_nodes_that_dropped_before_sharing_keys_are_not_asked_for_shares() -> None:
+    """After SecAgg+'s share-keys stage only the nodes that shared their keys stay "sampled": the
+    unmask stage then asks the survivors for shares of nodes that shared and dropped later only
+    (docs/reliability.md, rows s0/s1: a node gone in stage 0 or 1 used to halt the round)."""
+    from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
+
+    from coordinator.server_app import forget_nodes_without_shares
+
+    state = WorkflowState()
+    state.sampled_node_ids = {11, 22, 33}
+    state.active_node_ids = {11, 22}  # node 33 died in stage 0 or 1
+    forget_nodes_without_shares(state)
+    assert state.sampled_node_ids == {11, 22}
+    state.active_node_ids = {11}  # node 22 dies in stage 2: still a dropped node whose masks are removed
+    assert state.sampled_node_ids - state.active_node_ids == {22}
+
+
+def test_replies_that_arrived_while_a_stage_was_blocked_are_pulled_once_more() -> None:
+    """``ErrorReportingGrid`` pulls the messages left unanswered when the grid's wait ended (rows s*)."""
+    from types import SimpleNamespace
+
+    from coordinator.server_app import ErrorReportingGrid, RoundLog
+
+    def msg(mid: str, reply_to: str = "", dst: int = 0):
+        return SimpleNamespace(metadata=SimpleNamespace(message_id=mid, reply_to_message_id=reply_to, dst_node_id=dst,
+                                                        src_node_id=dst), has_error=lambda: False)
+
+    class Grid:  # the SuperLink holds replies to m1 (pulled in time) and m2 (arrived while blocked)
+        def __init__(self) -> None:
+            self.pulled: list[list[str]] = []
+
+        def send_and_receive(self, messages, **kw):
+            return [msg("r1", "m1", 1)]
+
+        def pull_messages(self, ids):
+            self.pulled.append(list(ids))
+            return [msg("r2", "m2", 2)] if "m2" in ids else []
+
+    grid = Grid()
+    replies = ErrorReportingGrid(grid, RoundLog()).send_and_receive([msg("m1", dst=1), msg("m2", dst=2), msg("m3", dst=3)], timeout=1)
+    assert [r.metadata.message_id for r in replies] == ["r1", "r2"]
+    assert grid.pulled == [["m2", "m3"]]
+
+
 @pytest.mark.slow
 def test_site_refuses_a_round_with_another_spec_hash(federation: Path) -> None:
     from site_agent.task import RoundSettings, SiteRefusal, run_round

@@ -54,6 +54,110 @@ def test_tracking_uri_checks() -> None:
             check_tracking_uri(bad)
 
 
+class _Clock:
+    """A clock the retry waits advance (no real sleeping)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class _Server:
+    """Stands in for the MLflow server: ``up`` or not; records what reached it, in order."""
+
+    def __init__(self) -> None:
+        self.up = True
+        self.got: list[str] = []
+
+    def write(self, what: str):
+        def call() -> None:
+            if not self.up:
+                raise ConnectionError("Connection refused")
+            self.got.append(what)
+
+        return call
+
+
+def test_failed_mlflow_writes_are_kept_and_written_in_order_when_the_server_returns() -> None:
+    from fedtwin.tracking.run_tracker import BufferedWrites
+
+    clock, server, said = _Clock(), _Server(), []
+    writes = BufferedWrites(said.append, first_wait=5, max_wait=60, clock=clock, sleep=clock.sleep)
+    assert writes.submit("round=1 metrics", server.write("m1")) and server.got == ["m1"] and not said
+    server.up = False
+    assert not writes.submit("round=2 metrics", server.write("m2"))
+    assert said[-1].startswith("FEDTWIN tracking_error what=round=2 metrics pending=1 retry_in=5s reason=ConnectionError: Connection refused")
+    # within the back-off later writes queue without trying the server (no one failure per write)
+    assert not writes.submit("round=2 checkpoint", server.write("c2")) and len(said) == 1
+    server.up = True
+    clock.now += 5
+    assert writes.submit("round=3 metrics", server.write("m3"))
+    assert server.got == ["m1", "m2", "c2", "m3"]  # in submission order
+    assert said[-1].startswith("FEDTWIN tracking_recovered written=3")
+    assert writes.unwritten() == [] and writes.failures == 0
+
+
+def test_drain_retries_with_backoff_and_gives_up_after_its_window() -> None:
+    from fedtwin.tracking.run_tracker import BufferedWrites
+
+    clock, server, said = _Clock(), _Server(), []
+    server.up = False
+    writes = BufferedWrites(said.append, first_wait=5, max_wait=60, clock=clock, sleep=clock.sleep)
+    writes.submit("round=1 metrics", server.write("m1"))
+    writes.submit("close_run", server.write("close"))
+    assert not writes.drain(200)
+    waits = [int(re.search(r"retry_in=(\d+)s", line).group(1)) for line in said]
+    assert waits[:6] == [5, 10, 20, 40, 60, 60]  # doubling, capped
+    assert clock.now <= 200 and writes.unwritten() == ["round=1 metrics", "close_run"]
+    server.up = True
+    assert writes.drain(200) and server.got == ["m1", "close"]
+
+
+def test_a_write_the_store_refuses_is_reported_and_skipped_not_retried() -> None:
+    from fedtwin.tracking.run_tracker import BufferedWrites, unreachable
+
+    assert unreachable(ConnectionError("Connection refused"))
+    assert unreachable(RuntimeError("API request to http://h/api failed with exception HTTPConnectionPool(...): Max retries exceeded"))
+    assert not unreachable(ValueError("Changing param values is not allowed"))
+    clock, server, said = _Clock(), _Server(), []
+    writes = BufferedWrites(said.append, clock=clock, sleep=clock.sleep)
+
+    def refused() -> None:
+        raise ValueError("Changing param values is not allowed")
+
+    assert writes.submit("round=1 dp_params", refused) and writes.submit("round=1 metrics", server.write("m1"))
+    assert server.got == ["m1"] and writes.unwritten() == []
+    assert said == ["FEDTWIN warning: MLflow write round=1 dp_params failed (not retried: the store answered): "
+                    "ValueError: Changing param values is not allowed"]
+
+
+def test_a_site_that_died_before_replying_is_named_from_the_consortium_node_map(tmp_path: Path) -> None:
+    import json
+
+    from coordinator.launch import _progress, consortium_node_names
+
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "nodes.json").write_text(json.dumps({"site_1": 11, "site_3": 33}))
+    names = consortium_node_names(tmp_path)
+    assert names == {"11": "site_1", "33": "site_3"}
+    assert consortium_node_names(tmp_path / "nowhere") == {}
+    shown: list[str] = []
+    on_line = _progress(shown.append, names)
+    on_line("FEDTWIN site_error round=1 node=33 site=? reason=Error: Node Unavailable")
+    on_line("FEDTWIN site_error round=1 node=44 site=? reason=Error: Node Unavailable")
+    on_line("FEDTWIN tracking_error what=round=1 metrics pending=1 retry_in=5s reason=MlflowException: refused")
+    on_line("FEDTWIN aggregate_error round=2 site_3 reported num_examples=1000000, outside [1, max_weight=1000]")
+    assert shown == ["site error: round 1, site site_3: Error: Node Unavailable",
+                     "site error: round 1, site node 44: Error: Node Unavailable",
+                     "MLflow write failed, kept and retried: what=round=1 metrics pending=1 retry_in=5s reason=MlflowException: refused",
+                     "coordinator check failed: round 2: site_3 reported num_examples=1000000, outside [1, max_weight=1000]"]
+
+
 @pytest.fixture(scope="module")
 def consortium(tmp_path_factory: pytest.TempPathFactory):
     from coordinator.consortium import init_consortium

@@ -402,6 +402,37 @@ def test_save_load_round_trip_and_spec_mismatch(trained: TwinModel, cohort: Coho
         forecast(trained, other_tensors)
 
 
+
+def test_load_refuses_a_tampered_model_file(trained: TwinModel, tmp_path) -> None:  # noqa: ANN001
+    """A model file records its parameters digest (the one the chain and the registry record) and a
+    digest of its whole content; an edit after saving is refused, naming both digests."""
+    import torch
+
+    from fedtwin.provenance import parameters_digest
+    from fedtwin.twin import get_parameters
+    from fedtwin.twin.io import model_parameters_digest
+
+    path = save_model(trained, tmp_path / "twin.pt")
+    payload = torch.load(path, weights_only=True)
+    assert payload["parameters_digest"] == parameters_digest(get_parameters(trained)) == model_parameters_digest(load_model(path))
+
+    name = next(iter(dict(trained.named_parameters())))
+    edited = dict(payload, state_dict={**payload["state_dict"], name: payload["state_dict"][name] + 0.01})
+    torch.save(edited, tmp_path / "weights.pt")
+    with pytest.raises(FedTwinError) as info:
+        load_model(tmp_path / "weights.pt", SPEC)
+    assert "its parameters have digest" in info.value.problem
+    assert f"but the file records {payload['parameters_digest']}" in info.value.problem and "tampered" in info.value.fix
+
+    calibration = dict(payload, interval_scale=[2.0] * trained.n_vars)  # not a parameter: the content digest catches it
+    torch.save(calibration, tmp_path / "calibration.pt")
+    with pytest.raises(FedTwinError, match="its content has digest"):
+        load_model(tmp_path / "calibration.pt")
+
+    legacy = {k: v for k, v in payload.items() if k not in ("parameters_digest", "content_digest")}  # files from before the digests
+    torch.save(legacy, tmp_path / "legacy.pt")
+    assert model_parameters_digest(load_model(tmp_path / "legacy.pt")) == payload["parameters_digest"]
+
 def test_get_set_parameters_round_trip(trained: TwinModel, cohort: CohortTensors) -> None:
     params = get_parameters(trained)
     names = parameter_names(trained)

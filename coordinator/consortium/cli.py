@@ -74,6 +74,10 @@ def up_cmd(
 
     with console.status("starting the SuperLink, registering the sites' keys, starting the SuperNodes..."):
         res = up(root, timeout=timeout)
+    if res.restarted:
+        console.print(f"the SuperLink of the last start was not running: stopped what was left of that start "
+                      f"({', '.join(res.restarted)}) and started the consortium again; continue an interrupted study "
+                      f"with `fedtwin coordinator launch --config STUDY --resume`", highlight=False)
     console.print(f"[bold green]up[/] in {res.seconds:.1f} s: {len(res.nodes)} SuperNode(s) online", highlight=False)
     _print_status(root)
 

@@ -333,10 +333,31 @@ class UpResult:
     records: list[processes.ProcessRecord]
     nodes: dict[str, int]  # site -> SuperLink node id
     seconds: float
+    restarted: list[str] = field(default_factory=list)  # processes of a start whose SuperLink had died, stopped first
+
+
+def _stop_orphans(L: Layout, running: list[str]) -> list[str]:
+    """Stop what is left of a start whose SuperLink is gone; returns the names stopped.
+
+    Why: the SuperLink holds the consortium's state (in memory by default: the sites'
+    registrations, node ids, runs). When it dies, its executor stops and the ServerApp with it, but
+    the SuperNodes keep retrying (Flower retries for up to 2 h) against a SuperLink that, once
+    started again, no longer knows them. Nothing in them is worth keeping (a site's data, ledger
+    and keys are on disk), so ``up`` stops them and starts the whole consortium again: one
+    command, instead of an "already running" error that hides the dead SuperLink.
+    """
+    if "superlink" not in {r.name for r in processes.records(L)} or "superlink" in running:
+        return []
+    down(L.root)
+    return running
 
 
 def up(root: str | Path, *, timeout: float = 90.0, extra_env: dict[str, str] | None = None) -> UpResult:
     """Start the SuperLink, register the sites' keys, start the SuperNodes; wait until all are online.
+
+    If the SuperLink of the last start has died while other processes of that start still run
+    (``restarted`` names them), those are stopped first and everything starts again: the way back
+    after a SuperLink crash (then ``fedtwin coordinator launch --resume``).
 
     On any failure everything started so far is stopped and a :class:`ConsortiumError` names the
     log file to read (with its last lines).
@@ -345,6 +366,9 @@ def up(root: str | Path, *, timeout: float = 90.0, extra_env: dict[str, str] | N
     c = Consortium.load(root)
     L = c.layout
     running = [r.name for r in processes.records(L) if r.alive()]
+    restarted = _stop_orphans(L, running)
+    if restarted:
+        running = [r.name for r in processes.records(L) if r.alive()]
     if running:
         raise ConsortiumError(f"the consortium in {L.root} is already running ({', '.join(running)})", f"see `fedtwin consortium status {L.root}`, or stop it: `fedtwin consortium down {L.root}`")
     for r in processes.records(L):
@@ -404,7 +428,7 @@ def up(root: str | Path, *, timeout: float = 90.0, extra_env: dict[str, str] | N
         processes.kill_strays(L.root)
         raise
     (L.state_dir / "up.json").write_text(json.dumps({"started_at": time.time(), "nodes": nodes}, indent=2))
-    return UpResult(started, nodes, time.monotonic() - t0)
+    return UpResult(started, nodes, time.monotonic() - t0, restarted)
 
 
 def _fail(rec: processes.ProcessRecord, problem: str) -> ConsortiumError:

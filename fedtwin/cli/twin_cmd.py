@@ -255,22 +255,43 @@ def whatif_cmd(
     out: Path | None = typer.Option(None, "--out", help="PNG plot to write (default whatif-<person_id>.png)"),
     samples: int = typer.Option(64, "--samples", min=1, help="posterior draws"),
     cdm_schema: str | None = typer.Option(None, "--cdm-schema", help="PostgreSQL schema of the CDM tables"),
+    expect_digest: str | None = typer.Option(None, "--expect-digest", help="the model's parameters digest from its model card or registry tag (at least 12 hex digits): refuse a model file whose parameters differ"),
 ) -> None:
     """Simulate one patient under an alternative intervention plan vs the recorded one (site-local)."""
-    _guard(lambda: _whatif(model, db, spec, person_id, plan, out, samples, cdm_schema))
+    _guard(lambda: _whatif(model, db, spec, person_id, plan, out, samples, cdm_schema, expect_digest))
 
 
 def _band(mean: float, lo: float, hi: float) -> str:
     return f"{_fmt(mean)} ({_fmt(lo)}-{_fmt(hi)})"
 
 
-def _whatif(model: Path, db: str, spec: Path, person_id: int, plan: Path, out: Path | None, samples: int, cdm_schema: str | None) -> None:
+def check_expected_digest(model: Path, got: str, expected: str | None) -> None:
+    """Refuse a model whose parameters digest is not the one the user was given (a file's own digests
+    cannot stop someone who rewrites them; a digest from the model card or the registry can)."""
+    if expected is None:
+        return
+    want = expected.strip().lower()
+    if len(want) < 12 or any(ch not in "0123456789abcdef" for ch in want):
+        raise FedTwinError(f"--expect-digest {expected!r} is not a digest prefix of at least 12 hex digits",
+                           "copy the parameters digest from the model card or the registry tag fedtwin.parameters_digest")
+    if not got.startswith(want):
+        raise FedTwinError(
+            f"model file {model} has parameters digest {got}, not the expected {want}",
+            "this is not the model you were given (tampered, or another version): do not use it; get the released model again",
+        )
+
+
+def _whatif(model: Path, db: str, spec: Path, person_id: int, plan: Path, out: Path | None, samples: int, cdm_schema: str | None,
+            expect_digest: str | None = None) -> None:
     import numpy as np
 
     from fedtwin.evaluation import load_plan
     from fedtwin.twin import explain, forecast, plot_what_if, what_if
+    from fedtwin.twin.io import model_parameters_digest
 
-    s, m = _load(model, spec)
+    s, m = _load(model, spec)  # a file whose content no longer matches its recorded digests is refused here
+    digest = model_parameters_digest(m)
+    check_expected_digest(model, digest, expect_digest)
     checked = load_plan(plan, s)  # before the (slower) extraction: a bad plan fails fast
     _, tensors = _extract(db, s, cdm_schema)
     rows = np.flatnonzero(np.asarray(tensors.person_ids) == person_id)
@@ -288,6 +309,7 @@ def _whatif(model: Path, db: str, spec: Path, person_id: int, plan: Path, out: P
     png = out if out is not None else Path(f"whatif-{person_id}.png")
     plot_what_if(wi, png)
     print_whatif(wi, prospective, expl, s, one, Console())
+    Console().print(f"model {escape(str(model))}: parameters digest {digest[:16]}", highlight=False)
     Console().print(f"plot written to {escape(str(png))}", highlight=False)
 
 

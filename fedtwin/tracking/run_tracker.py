@@ -18,10 +18,14 @@ Heavy imports (mlflow) happen inside the functions.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 RUN_ID_FILE = "mlflow_run_id"
+RETRY_FIRST_WAIT = 5.0  # seconds before the first retry of a failed MLflow write; doubles up to RETRY_MAX_WAIT
+RETRY_MAX_WAIT = 60.0
+DRAIN_SECONDS = 600.0  # how long the end of a run keeps retrying writes that have not reached MLflow
 
 
 class TrackingError(RuntimeError):
@@ -58,6 +62,110 @@ def check_tracking_uri(uri: str) -> None:
     scheme = uri.split("://", 1)[0] if "://" in uri else ""
     if scheme not in ("http", "https", "file", "postgresql", "mysql", "mssql", "databricks") and not uri.startswith("/"):
         raise TrackingError(f"MLflow tracking URI {uri!r}: unsupported scheme (use sqlite:///PATH, file:///PATH or http(s)://HOST)")
+
+
+UNREACHABLE_HINTS = ("max retries exceeded", "connection refused", "connection reset", "connection aborted",
+                     "timed out", "temporarily unavailable", "database is locked", "bad gateway", "service unavailable",
+                     "gateway timeout", "name or service not known", "remotedisconnected")
+
+
+def unreachable(exc: BaseException) -> bool:
+    """Whether ``exc`` means the MLflow store could not be reached (worth retrying), not that it refused the write.
+
+    MLflow wraps a refused connection in ``MlflowException("API request to ... failed with
+    exception HTTPConnectionPool(...): Max retries exceeded ...")``, so the exception chain's
+    types (OSError covers ``requests``' and ``urllib3``'s connection errors) and its messages are
+    both looked at.
+    """
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, (OSError, TimeoutError)):
+            return True
+        text = str(e).lower()
+        if any(h in text for h in UNREACHABLE_HINTS):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+class BufferedWrites:
+    """MLflow writes kept in order and retried, so that a tracking server that is down for a while
+    loses none of a run's records.
+
+    Why: the ServerApp logs each round to MLflow right after its checkpoint and signed record are on
+    disk. A write that fails (the server is down or unreachable) used to be dropped with a warning,
+    leaving MLflow without the round (and the audit without its metrics). Now a failed write stays
+    queued, and so does every later write (order matters: a run is terminated after its metrics);
+    the queue is retried at the next write once the back-off (5 s, doubling, at most 60 s) has
+    passed, and :meth:`drain` keeps retrying for a bounded time at the end of the run.
+
+    Every failure prints ``FEDTWIN tracking_error what=... pending=N retry_in=S reason=...``, the
+    first successful flush after failures ``FEDTWIN tracking_recovered written=N``; ``say`` (print
+    by default) is where these lines go. Only a store that cannot be reached is waited for
+    (:func:`unreachable`); a write the store refuses is reported (``FEDTWIN warning: MLflow write
+    ... failed (not retried ...)``) and skipped, as before. Writes must be safe to run again after
+    an error part-way (MLflow metrics, params of the same value, tags and artifacts are).
+    """
+
+    def __init__(self, say: Callable[[str], None] | None = None, *, first_wait: float = RETRY_FIRST_WAIT,
+                 max_wait: float = RETRY_MAX_WAIT, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self.say = say or (lambda line: print(line, flush=True))
+        self.first_wait, self.max_wait = float(first_wait), float(max_wait)
+        self.clock, self.sleep = clock, sleep
+        self.pending: list[tuple[str, Callable[[], Any]]] = []
+        self.failures = 0  # consecutive failed attempts
+        self.next_try = 0.0  # clock() time of the next attempt while writes are pending
+        self.written_after_failure = 0
+
+    def submit(self, what: str, call: Callable[[], Any]) -> bool:
+        """Queue ``call`` (described by ``what``) and write what is due; True when nothing is pending."""
+        self.pending.append((what, call))
+        if len(self.pending) > 1 and self.clock() < self.next_try:
+            return False  # the server failed recently: wait for the back-off instead of failing once per write
+        return self.flush()
+
+    def flush(self) -> bool:
+        """Write the pending calls in order, stopping at the first failure; True when none is left."""
+        while self.pending:
+            what, call = self.pending[0]
+            try:
+                call()
+            except Exception as exc:  # noqa: BLE001 - a store that cannot be reached: keep the write, retry later
+                if not unreachable(exc):
+                    # retrying cannot help (a bad value, a bug): say so and go on, as before buffering
+                    self.pending.pop(0)
+                    self.say(f"FEDTWIN warning: MLflow write {what} failed (not retried: the store answered): "
+                             f"{' '.join(f'{type(exc).__name__}: {exc}'.split())[:300]}")
+                    continue
+                self.failures += 1
+                wait = min(self.max_wait, self.first_wait * 2 ** (self.failures - 1))
+                self.next_try = self.clock() + wait
+                reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+                self.say(f"FEDTWIN tracking_error what={what} pending={len(self.pending)} retry_in={wait:.0f}s reason={reason}")
+                return False
+            self.pending.pop(0)
+            if self.failures:
+                self.written_after_failure += 1
+        if self.failures:
+            self.say(f"FEDTWIN tracking_recovered written={self.written_after_failure} (every write held back is now in MLflow)")
+            self.failures, self.written_after_failure = 0, 0
+        return True
+
+    def drain(self, seconds: float = DRAIN_SECONDS) -> bool:
+        """Retry the pending writes (with the back-off) for at most ``seconds``; True when none is left."""
+        deadline = self.clock() + seconds
+        while not self.flush():
+            now = self.clock()
+            if self.next_try > deadline:
+                return False
+            self.sleep(max(0.0, self.next_try - now))
+        return True
+
+    def unwritten(self) -> list[str]:
+        return [what for what, _ in self.pending]
 
 
 class RoundTracker:

@@ -6,6 +6,16 @@ canonical JSON travels with the weights: a model can be loaded without the YAML,
 it against a different spec fails with both hashes named. An optional ``interval_scale`` (the
 calibrated predictive std per variable, fedtwin.evaluation.calibrate_intervals) travels too;
 files without it load as uncalibrated.
+
+Integrity: the file records two digests, checked on every load. ``parameters_digest``
+(:func:`fedtwin.provenance.parameters_digest` of :func:`fedtwin.twin.get_parameters`) is the digest
+the provenance chain records for a global model and the registry tags a registered twin with, so
+a clinician can compare it with the model card (``fedtwin twin whatif --expect-digest``);
+``content_digest`` covers everything else the file holds (every tensor of the state dict, the
+config, the spec, the interval calibration). A file whose weights were edited after saving (a
+tampered or corrupted model) is refused, naming both digests. The embedded digests stop an edit
+by anything that does not rewrite them; only a digest from elsewhere (``--expect-digest``) stops
+a deliberate forger. Files written before the digests existed load as before.
 """
 
 from __future__ import annotations
@@ -36,6 +46,8 @@ def save_model(model: TwinModel, path: str | Path) -> Path:
     }
     if model.interval_scale is not None:
         payload["interval_scale"] = [float(x) for x in model.interval_scale.tolist()]
+    payload["parameters_digest"] = model_parameters_digest(model)
+    payload["content_digest"] = _content_digest(payload)
     tmp = p.with_name(p.name + ".tmp")
     torch.save(payload, tmp)
     tmp.replace(p)
@@ -74,5 +86,43 @@ def load_model(path: str | Path, spec: TwinSpec | None = None) -> TwinModel:
         if len(scale) != model.n_vars or not all(isinstance(x, float) and x > 0 for x in scale):
             raise FedTwinError(f"{p}: the interval calibration does not fit the model's {model.n_vars} variables", "the file is corrupt; recalibrate or retrain")
         model.interval_scale = torch.tensor(scale, dtype=torch.float32)
+    _check_digests(p, payload, model)
     model.eval()
     return model
+
+
+def model_parameters_digest(model: TwinModel) -> str:
+    """The digest of the model's parameters as the federation sends them (the one the chain and the registry record)."""
+    from fedtwin.provenance.digests import parameters_digest
+    from fedtwin.twin.parameters import get_parameters
+
+    return parameters_digest(get_parameters(model))
+
+
+def _content_digest(payload: dict) -> str:
+    """Digest of everything a model file holds except its digests: every state-dict tensor (by name), config, spec, calibration."""
+    from fedtwin.provenance.canonical import digest
+    from fedtwin.provenance.digests import parameters_digest
+
+    state = payload["state_dict"]
+    names = sorted(state)
+    tensors = parameters_digest([state[k].detach().cpu().numpy() for k in names])
+    return digest({"format": payload["format"], "config": payload["config"], "spec_hash": payload["spec_hash"],
+                   "spec_json": payload["spec_json"], "interval_scale": payload.get("interval_scale"),
+                   "state_names": names, "state_tensors": tensors})
+
+
+def _check_digests(p: Path, payload: dict, model: TwinModel) -> None:
+    """Refuse a file whose content no longer matches the digests recorded when it was saved."""
+    fix = ("do not use this file: the weights were changed after the model was saved (tampered or corrupted); "
+           "use the file the training wrote, or load the registered model, and compare its parameters digest with the model card")
+    recorded = payload.get("parameters_digest")
+    if recorded is not None:
+        got = model_parameters_digest(model)
+        if got != recorded:
+            raise FedTwinError(f"model file {p}: its parameters have digest {got}, but the file records {recorded}", fix)
+    recorded = payload.get("content_digest")
+    if recorded is not None:
+        got = _content_digest(payload)
+        if got != recorded:
+            raise FedTwinError(f"model file {p}: its content has digest {got}, but the file records {recorded}", fix)
