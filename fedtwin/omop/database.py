@@ -14,7 +14,7 @@ from contextlib import contextmanager
 
 from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import Connection, make_url
-from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError, SQLAlchemyError
 from sqlalchemy.exc import DatabaseError as SqlDatabaseError
 
 from fedtwin.errors import DatabaseError
@@ -111,8 +111,25 @@ class OmopDatabase:
             ) from None
         try:
             yield conn
+        except DBAPIError as exc:
+            if exc.connection_invalidated:  # the server went away or ended the session mid-read
+                raise self.lost_connection(exc) from None
+            raise
         finally:
             conn.close()
+
+    def lost_connection(self, exc: DBAPIError) -> DatabaseError:
+        """The error for a connection that died while in use (server restart, ``pg_terminate_backend``,
+        a network cut): without it the driver's exception reaches the user as a traceback, and a
+        federated site reports only "OperationalError". Only the driver's first line is kept:
+        disconnect messages carry no data from the tables."""
+        why = str(exc.orig if exc.orig is not None else exc).strip().splitlines()
+        return DatabaseError(
+            f"lost the connection to {self.display_url} in the middle of a query: {why[0] if why else type(exc).__name__}",
+            "check that the database server is running and reachable (e.g. `pg_isready -h HOST -p PORT`) and that "
+            "nothing ends the session (a server restart, pg_terminate_backend, a statement or idle timeout), then "
+            "run again; nothing from the interrupted query is used (an interrupted write is rolled back)",
+        )
 
     @contextmanager
     def begin(self, create: bool = False, sqlite_pragmas: tuple[str, ...] = ()) -> Iterator[Connection]:
