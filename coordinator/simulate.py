@@ -7,7 +7,10 @@ There are no SuperLink/SuperNode processes, no TLS and no node authentication.
 
 What :func:`simulate` does, in ``out``:
 
-1. ``hospitals/``: ``sites`` small synthetic ICU hospitals (:mod:`fedtwin.synth`, OMOP in SQLite).
+1. ``hospitals/``: ``sites`` small synthetic ICU hospitals (:mod:`fedtwin.synth`, OMOP in SQLite),
+   ``patients`` each or ``sizes[k]`` at site k+1; or, with ``hospitals=DIR``, the databases a
+   ``fedtwin synth`` run already wrote there, used in place (several runs, e.g. the arms of a
+   study, then train on the very same patients).
 2. ``consortium/``: ``init_consortium`` writes the site configs (``sites/site_<k>.toml``, each
    pointed at its hospital's database), the study config and keys (unused in simulation).
 3. The initial global twin (a fresh ``TwinModel`` seeded by ``seed``) is written as checkpoint
@@ -37,7 +40,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Mapping, Sequence
 
 import typer
 
@@ -51,6 +54,11 @@ ROUND_RE = re.compile(r"FEDTWIN round=(\d+) status=(\w+) sites=(\d+)")
 EVAL_RE = re.compile(r"FEDTWIN evaluation round=(\d+) status=(\w+) sites=(\d+)")  # the ServerApp's last, scoring-only round
 STAGE_RE = re.compile(r"^\[Stage (\d)\] (.*)$")
 MAX_PATIENTS = 1000  # SecAgg+ max_weight: a site reporting more examples would overflow the masked sum
+# the ICU spec's data-quality gate needs a cohort of cohort.min_patients (50) persons, or the site
+# refuses every round; a synthetic hospital of N patients has a few fewer (under-18 admissions)
+MIN_PATIENTS = 60
+#: run-config keys a caller may set for the sites' local training (the rest comes from the study)
+TRAINING_KEYS = frozenset({"local-epochs", "batch-size", "learning-rate", "max-grad-norm", "evaluate"})
 
 
 @dataclass
@@ -83,6 +91,8 @@ class SimulationResult:
     final_path: Path | None = None
     log_path: Path | None = None
     run_config: dict = field(default_factory=dict)
+    sizes: list[int] | None = None  # patients per site when they differ (synthesized with sizes=)
+    hospitals: Path | None = None  # the hospitals' folder (out/hospitals, or the one passed in)
 
     @property
     def seconds_per_round(self) -> float | None:
@@ -225,7 +235,9 @@ class _RssSampler:
 # ---------------------------------------------------------------------------------- preparation
 
 
-def _check_options(sites: int, rounds: int, patients: int, secagg: bool, epsilon: float, parallel: int) -> None:
+def _check_options(sites: int, rounds: int, patients: int, secagg: bool, epsilon: float, parallel: int,
+                   sizes: Sequence[int] | None = None, hospitals: Path | None = None,
+                   training: Mapping[str, Any] | None = None) -> None:
     if sites < 1:
         raise ConsortiumError(f"--sites {sites}: a federation needs at least one site", "use --sites 2 or more")
     if secagg and sites < 2:
@@ -235,12 +247,26 @@ def _check_options(sites: int, rounds: int, patients: int, secagg: bool, epsilon
         )
     if rounds < 1:
         raise ConsortiumError(f"--rounds {rounds}: must be at least 1", "use --rounds 1 or more")
-    if not 20 <= patients <= MAX_PATIENTS:
-        raise ConsortiumError(
-            f"--patients {patients}: must be between 20 and {MAX_PATIENTS}",
-            f"below 20 a site's training split is too small for DP-SGD; above {MAX_PATIENTS} a site's example count "
-            "exceeds SecAgg+'s max_weight and the masked sum overflows",
-        )
+    for n in ([patients] if sizes is None else list(sizes)):
+        if not MIN_PATIENTS <= n <= MAX_PATIENTS:
+            raise ConsortiumError(
+                f"{'--patients' if sizes is None else 'a site size of'} {n}: must be between {MIN_PATIENTS} and {MAX_PATIENTS}",
+                f"below {MIN_PATIENTS} a hospital's cohort can fall under the spec's data-quality minimum (cohort.min_patients) "
+                f"and its site refuses every round; above {MAX_PATIENTS} a site's example count exceeds SecAgg+'s "
+                "max_weight and the masked sum overflows",
+            )
+    if sizes is not None and len(sizes) != sites:
+        raise ConsortiumError(f"sizes has {len(sizes)} entries for {sites} sites", "give one patient count per site")
+    if hospitals is not None:
+        if sizes is not None:
+            raise ConsortiumError("sizes and hospitals were both given", "sizes are for synthesizing; existing hospitals have theirs")
+        missing = [f"site_{k}.db" for k in range(1, sites + 1) if not (Path(hospitals) / f"site_{k}.db").is_file()]
+        if missing:
+            raise ConsortiumError(f"{hospitals} lacks {', '.join(missing)}",
+                                  f"pass the folder `fedtwin synth --sites {sites} --out DIR` wrote (SQLite)")
+    unknown = sorted(set(training or {}) - TRAINING_KEYS)
+    if unknown:
+        raise ConsortiumError(f"training options {unknown} cannot be set here", f"choose from {sorted(TRAINING_KEYS)}")
     if not epsilon > 0:
         raise ConsortiumError(f"--epsilon {epsilon}: must be positive", "give each site's total budget, e.g. --epsilon 8")
     if parallel < 1:
@@ -276,8 +302,12 @@ def secagg_shares(sites: int) -> dict:
 
 
 def prepare(out: Path, *, sites: int, rounds: int, patients: int, seed: int, secagg: bool, epsilon: float,
-            stage_timeout: float, mlflow: bool, on_step: Callable[[str], None] = lambda _s: None) -> tuple[dict, Path]:
-    """Synthesize, init the consortium, write the round-0 checkpoint; returns (run config, initial checkpoint)."""
+            stage_timeout: float, mlflow: bool, on_step: Callable[[str], None] = lambda _s: None,
+            sizes: Sequence[int] | None = None, hospitals: Path | None = None,
+            training: Mapping[str, Any] | None = None) -> tuple[dict, Path]:
+    """Synthesize (unless ``hospitals`` names existing ones), init the consortium, write the round-0
+    checkpoint; returns (run config, initial checkpoint). ``training`` overrides run-config keys of
+    :data:`TRAINING_KEYS`."""
     import torch
 
     from coordinator.consortium.consortium import init_consortium
@@ -288,9 +318,13 @@ def prepare(out: Path, *, sites: int, rounds: int, patients: int, seed: int, sec
     from fedtwin.synth import SynthRequest, synthesize
     from fedtwin.twin import TwinModel, get_parameters
 
-    hospitals = out / "hospitals"
-    on_step(f"synthesizing {sites} hospitals x {patients} patients")
-    synthesize(SynthRequest(sites=sites, patients=patients, seed=seed, out=hospitals, sizes=[patients] * sites, workers=1))
+    if hospitals is None:
+        hospitals = out / "hospitals"
+        counts = list(sizes) if sizes is not None else [patients] * sites
+        on_step(f"synthesizing {sites} hospitals x {patients} patients" if sizes is None
+                else f"synthesizing {sites} hospitals of {', '.join(map(str, counts))} patients")
+        synthesize(SynthRequest(sites=sites, patients=patients, seed=seed, out=hospitals, sizes=counts, workers=1))
+    hospitals = Path(hospitals).resolve()
 
     on_step("writing site and study configs")
     root = out / "consortium"
@@ -312,6 +346,7 @@ def prepare(out: Path, *, sites: int, rounds: int, patients: int, seed: int, sec
     cfg = build_run_config(study, spec_hash=h, rounds=rounds, resume=True, output_path=out / "final.npz",
                            mlflow_uri=None if mlflow else "", epsilon=float(epsilon))
     cfg["site-config-dir"] = str(root / "sites")
+    cfg.update(dict(training or {}))
     cfg.update(provenance_keys(root))
     return cfg, initial
 
@@ -402,6 +437,9 @@ def simulate(
     verbose: bool = False,
     echo: Callable[[str], None] | None = None,
     on_event: Callable[[str, str], None] | None = None,
+    sizes: Sequence[int] | None = None,
+    hospitals: str | Path | None = None,
+    training: Mapping[str, Any] | None = None,
 ) -> SimulationResult:
     """Run ``rounds`` federated rounds on ``sites`` synthetic hospitals in Flower's simulation engine.
 
@@ -412,8 +450,15 @@ def simulate(
     ``FEDTWIN`` lines; ``on_event(kind, detail)`` gets ``("setup", step)``, ``("round", r)``,
     ``("stage", text)`` and ``("line", line)`` as they happen. Raises :class:`ConsortiumError` for
     bad options; a run that fails or halts returns ``ok=False`` with the reason.
+
+    Hospitals of unequal size: ``sizes`` (patients per site, instead of ``patients`` each). The same
+    patients for several runs (a study comparing arms): ``hospitals``, the folder of an earlier
+    ``fedtwin synth`` run with ``site_1.db`` ... ``site_<sites>.db``, used in place (the sites only
+    read them). ``training`` sets the sites' local training for this run (keys of
+    :data:`TRAINING_KEYS`, e.g. ``{"local-epochs": 3.0, "evaluate": False}``).
     """
-    _check_options(sites, rounds, patients, secagg, epsilon, parallel)
+    hospitals = Path(hospitals).resolve() if hospitals is not None else None
+    _check_options(sites, rounds, patients, secagg, epsilon, parallel, sizes, hospitals, training)
     out_path = Path(out) if out is not None else default_out()
     if out_path.exists() and (not out_path.is_dir() or any(out_path.iterdir())):
         raise ConsortiumError(f"{out_path} already exists and is not an empty folder", "pass --out NEW_FOLDER (or omit it for a fresh one)")
@@ -425,13 +470,14 @@ def simulate(
     t0 = time.monotonic()
     run_config, initial = prepare(out_path, sites=sites, rounds=rounds, patients=patients, seed=seed, secagg=secagg,
                                   epsilon=epsilon, stage_timeout=timeout, mlflow=mlflow,
-                                  on_step=lambda s: event("setup", s))
+                                  on_step=lambda s: event("setup", s), sizes=sizes, hospitals=hospitals, training=training)
     t_setup = time.monotonic() - t0
     res = SimulationResult(
         ok=False, message="", out=out_path, sites=sites, rounds_requested=rounds, secagg=secagg, patients=patients,
         epsilon=epsilon, parallel=parallel, setup_seconds=t_setup,
         initial_path=initial, final_path=Path(run_config["output-path"]), log_path=out_path / "simulation.log",
-        run_config=run_config,
+        run_config=run_config, sizes=list(sizes) if sizes is not None else None,
+        hospitals=hospitals if hospitals is not None else out_path / "hospitals",
     )
 
     log_fh = open(res.log_path, "w", encoding="utf-8")  # noqa: SIM115 - closed in finally
@@ -548,7 +594,7 @@ def simulate(
 def simulate_command(
     sites: int = typer.Option(10, "--sites", help="number of simulated hospitals (virtual SuperNodes)"),
     rounds: int = typer.Option(1, "--rounds", help="federated rounds"),
-    patients: int = typer.Option(60, "--patients", help=f"ICU patients per synthetic hospital (20..{MAX_PATIENTS}; small so that many sites fit on 2 cores)"),
+    patients: int = typer.Option(60, "--patients", help=f"ICU patients per synthetic hospital ({MIN_PATIENTS}..{MAX_PATIENTS}; small so that many sites fit on 2 cores)"),
     seed: int = typer.Option(7, "--seed", help="seed of the hospitals and of the initial global twin"),
     out: Path | None = typer.Option(None, "--out", help="output folder (new or empty; default fedtwin-simulate/run-<UTC time>)"),
     secagg: bool = typer.Option(True, "--secagg/--no-secagg", help="secure aggregation (SecAgg+) of the sites' updates"),

@@ -57,6 +57,7 @@ def test_one_site_with_secagg_is_a_clear_error_naming_the_fix(tmp_path: Path) ->
         (("--sites", "0"), "at least one site"),
         (("--sites", "3", "--rounds", "0"), "--rounds 0"),
         (("--sites", "3", "--patients", "5000"), "max_weight"),
+        (("--sites", "3", "--patients", "40"), "data-quality minimum"),
         (("--sites", "3", "--epsilon", "0"), "--epsilon 0"),
     ],
 )
