@@ -110,30 +110,9 @@ def stop_mlflow_server(proc: subprocess.Popen, *, kill: bool = False) -> None:
 def running_mlflow_server(tmp_path: Path, backend_uri: str, *, timeout: float = 120.0) -> Iterator[str]:
     """Start ``mlflow server`` on ``backend_uri`` for the block; yields its URL ``http://127.0.0.1:PORT``."""
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    artifacts = Path(tmp_path) / "mlflow-server-artifacts"
-    artifacts.mkdir(parents=True, exist_ok=True)
-    log_path = Path(tmp_path) / "mlflow-server.log"
-    cmd = [
-        str(MLFLOW), "server",
-        "--backend-store-uri", backend_uri,
-        "--artifacts-destination", str(artifacts),
-        "--host", "127.0.0.1", "--port", str(port),
-        "--workers", "1",
-    ]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}  # no client settings leak into the server
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                cwd=str(tmp_path), start_new_session=True)
+    proc = start_mlflow_server(tmp_path, backend_uri, port, timeout=timeout)
     try:
-        deadline = time.monotonic() + timeout
-        while not _healthy(url):
-            if proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited with code {proc.returncode} before answering /health; see {log_path}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"mlflow server did not answer {url}/health within {timeout:.0f} s; see {log_path}")
-            time.sleep(0.5)
-        yield url
+        yield f"http://127.0.0.1:{port}"
     finally:
         _stop(proc)
 

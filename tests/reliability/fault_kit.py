@@ -124,9 +124,13 @@ def kill_site(root: Path, site: str) -> None:
         wait_for(lambda: not rec.alive(), 30, f"{rec.name} (pid {rec.pid}) to die after SIGKILL")
 
 
-def restart_site(root: Path, site: str, timeout: float = 180.0) -> None:
+def restart_site(root: Path, site: str, timeout: float = 180.0, extra_env: dict[str, str] | None = None) -> None:
     """Start the site's SuperNode and executor again, exactly as ``up`` does, once the SuperLink has
-    noticed the old node is gone; wait until the node is online and the executor ready."""
+    noticed the old node is gone; wait until the node is online and the executor ready.
+
+    ``extra_env`` is added to both processes' environment (``PYTHONPATH`` is prepended to, not
+    replaced): a test-only altered site (tests/reliability/adversary/); restarting without it
+    brings the site back as it was."""
     from coordinator.consortium import processes
     from fedtwin.federation import commands
     from fedtwin.federation.commands import ProcessSpec
@@ -142,11 +146,13 @@ def restart_site(root: Path, site: str, timeout: float = 180.0) -> None:
     wait_for(lambda: node_status(root).get(site) != "online", timeout, f"the SuperLink to mark {site} offline", poll=1.0)
     s = next(s for s in c.manifest.sites if s.name == site)
     r, sr = c.render(), c.site_render(s)
+    env = {**c.site_env(site), **(extra_env or {})}
+    if extra_env and "PYTHONPATH" in extra_env:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (extra_env["PYTHONPATH"], c.site_env(site).get("PYTHONPATH", ""),
+                                                        os.environ.get("PYTHONPATH", "")) if p)
     base_env = dict(os.environ)
-    sn = processes.start(c.layout, ProcessSpec(f"{site}-supernode", commands.supernode_argv(r, sr), c.site_env(site)), base_env)
-    ex = processes.start(
-        c.layout, ProcessSpec(f"{site}-executor", commands.supernode_executor_argv(r, sr, watch_pid=sn.pid), c.site_env(site)), base_env
-    )
+    sn = processes.start(c.layout, ProcessSpec(f"{site}-supernode", commands.supernode_argv(r, sr), env), base_env)
+    ex = processes.start(c.layout, ProcessSpec(f"{site}-executor", commands.supernode_executor_argv(r, sr, watch_pid=sn.pid), env), base_env)
     wait_for(lambda: "] ready in" in processes.log_since_start(ex) or not ex.alive(), timeout, f"{site}'s executor to be ready")
     assert ex.alive(), processes.log_since_start(ex)[-2000:]
     wait_for(lambda: node_status(root).get(site) == "online" or not sn.alive(), timeout, f"{site} to come back online", poll=0.5)
@@ -347,34 +353,3 @@ def restored(consortium: Path):
         yield root
     finally:
         restore()
-
-
-def restart_site_with_env(root: Path, site: str, extra_env: dict[str, str], timeout: float = 180.0) -> None:
-    """Like :func:`restart_site`, with ``extra_env`` added to the site's SuperNode and executor
-    environment (``PYTHONPATH`` is prepended to, not replaced). For a test-only altered site
-    (tests/reliability/adversary/); :func:`restart_site` brings the site back as it was."""
-    from coordinator.consortium import processes
-    from coordinator.consortium.consortium import Consortium
-    from fedtwin.federation import commands
-    from fedtwin.federation.commands import ProcessSpec
-
-    c = Consortium.load(root)
-    for rec in site_records(root, site):
-        if rec.alive():
-            os.killpg(rec.pgid, signal.SIGKILL)
-            wait_for(lambda: not rec.alive(), 30, f"{rec.name} to die")
-        processes.forget(c.layout, rec.name)
-    wait_for(lambda: node_status(root).get(site) != "online", timeout, f"the SuperLink to mark {site} offline", poll=1.0)
-    s = next(s for s in c.manifest.sites if s.name == site)
-    r, sr = c.render(), c.site_render(s)
-    env = {**c.site_env(site), **extra_env}
-    if "PYTHONPATH" in extra_env:
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (extra_env["PYTHONPATH"], c.site_env(site).get("PYTHONPATH", ""),
-                                                        os.environ.get("PYTHONPATH", "")) if p)
-    base_env = dict(os.environ)
-    sn = processes.start(c.layout, ProcessSpec(f"{site}-supernode", commands.supernode_argv(r, sr), env), base_env)
-    ex = processes.start(c.layout, ProcessSpec(f"{site}-executor", commands.supernode_executor_argv(r, sr, watch_pid=sn.pid), env), base_env)
-    wait_for(lambda: "] ready in" in processes.log_since_start(ex) or not ex.alive(), timeout, f"{site}'s executor to be ready")
-    assert ex.alive(), processes.log_since_start(ex)[-2000:]
-    wait_for(lambda: node_status(root).get(site) == "online" or not sn.alive(), timeout, f"{site} to come back online", poll=0.5)
-    assert sn.alive(), processes.log_since_start(sn)[-2000:]

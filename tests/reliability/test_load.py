@@ -297,7 +297,7 @@ def test_twenty_rounds_in_deployment_with_five_sites(tmp_path_factory: pytest.Te
     per_kind = sampler.peak_by_kind()
     lines = [
         f"ok={res.ok} message={res.message}",
-        f"rounds: " + ", ".join(f"{o.round}:{o.status}/{o.sites}" for o in res.rounds) + f"; evaluation {res.evaluation}",
+        "rounds: " + ", ".join(f"{o.round}:{o.status}/{o.sites}" for o in res.rounds) + f"; evaluation {res.evaluation}",
         f"setup + up {up_seconds:.1f} s; launch of {DEP_ROUNDS} rounds {run_seconds:.1f} s ({run_seconds / DEP_ROUNDS:.1f} s/round incl. the evaluation round)",
     ]
     for pid in long_lived:

@@ -37,7 +37,7 @@ from fault_kit import (
     mlflow_metric,
     node_ids,
     npz_parameters,
-    restart_site_with_env,
+    restart_site,
     restored,  # noqa: F401 (pytest fixture)
     same_parameters,
     study_file,
@@ -56,7 +56,7 @@ def adversary(consortium: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     control = tmp_path_factory.mktemp("adversary")
     (control / "attack.json").write_text(json.dumps({"attack": "none"}))
     before = node_ids(consortium)[EVIL]
-    restart_site_with_env(consortium, EVIL, {"PYTHONPATH": str(ADVERSARY_DIR), "FEDTWIN_TEST_ADVERSARY": str(control)})
+    restart_site(consortium, EVIL, extra_env={"PYTHONPATH": str(ADVERSARY_DIR), "FEDTWIN_TEST_ADVERSARY": str(control)})
     assert node_ids(consortium)[EVIL] == before
     return control
 
