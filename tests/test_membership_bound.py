@@ -13,7 +13,7 @@ import math
 import numpy as np
 import pytest
 
-from fedtwin.privacy.membership_bound import auroc, max_auroc, max_tpr, roc_curve, tpr_at_fpr
+from fedtwin.privacy.membership_bound import auroc, epsilon_lower_bound, max_auroc, max_tpr, roc_curve, tpr_at_fpr
 
 
 def _area(fpr: np.ndarray, tpr: np.ndarray) -> float:
@@ -78,6 +78,22 @@ def test_rejects_invalid_parameters() -> None:
             max_auroc(*bad)
         with pytest.raises(ValueError):
             max_tpr(0.5, *bad)
+
+
+@pytest.mark.parametrize("delta", [0.0, 1e-5, 0.05])
+def test_epsilon_lower_bound_inverts_the_bound(delta: float) -> None:
+    for eps in (0.05, 0.5, 1.0, 3.0, 8.0):
+        assert epsilon_lower_bound(max_auroc(eps, delta), delta) == pytest.approx(eps, rel=1e-6)
+    assert epsilon_lower_bound(0.5, delta) == 0.0  # guessing proves nothing
+    assert epsilon_lower_bound(0.3, delta) == 0.0
+    assert epsilon_lower_bound(max_auroc(0.0, delta), delta) == 0.0
+    values = [epsilon_lower_bound(a, delta) for a in (0.55, 0.6, 0.7, 0.8, 0.9, 0.99)]
+    assert np.all(np.diff(values) > 0)
+    # an AUROC above the bound of some epsilon proves more than that epsilon
+    assert epsilon_lower_bound(max_auroc(1.0, delta) + 0.01, delta) > 1.0
+    assert epsilon_lower_bound(1.0, 0.0) == math.inf
+    with pytest.raises(ValueError):
+        epsilon_lower_bound(1.2, delta)
 
 
 # --------------------------------------------------------------- mechanisms with a known epsilon

@@ -27,7 +27,7 @@ import math
 import numpy as np
 from numpy.typing import ArrayLike
 
-__all__ = ["auroc", "max_auroc", "max_tpr", "roc_curve", "tpr_at_fpr"]
+__all__ = ["auroc", "epsilon_lower_bound", "max_auroc", "max_tpr", "roc_curve", "tpr_at_fpr"]
 
 
 def _check(epsilon: float, delta: float) -> None:
@@ -70,6 +70,29 @@ def max_auroc(epsilon: float, delta: float) -> float:
         return 1.0
     sig = 1.0 / (1.0 + math.exp(-epsilon))  # epsilon >= 0: no overflow
     return float((1.0 - delta) * (sig + delta * (1.0 - sig)) + delta)
+
+
+def epsilon_lower_bound(auroc_value: float, delta: float) -> float:
+    """The smallest epsilon whose privacy region allows an attack AUROC of ``auroc_value`` (at this delta).
+
+    The inverse of :func:`max_auroc` in epsilon: a mechanism against which some attack truly
+    reaches this AUROC cannot be (epsilon', delta)-DP for any smaller epsilon'. Given an AUROC's
+    confidence lower end, it is the epsilon an audit *demonstrates* (an empirical lower bound;
+    the accountant's epsilon is the upper bound). From ``max_auroc = s (1 - delta)^2 + delta (2 - delta)``
+    with ``s = sigmoid(eps)``: 0 when the AUROC is within what epsilon 0 allows, inf for AUROC 1
+    (with delta 0).
+    """
+    _check(0.0, delta)
+    if not 0 <= auroc_value <= 1:
+        raise ValueError(f"auroc_value must be in [0, 1], got {auroc_value}")
+    if delta >= 1:
+        return 0.0
+    s = (auroc_value - delta * (2.0 - delta)) / (1.0 - delta) ** 2
+    if s <= 0.5:
+        return 0.0
+    if s >= 1.0:
+        return math.inf
+    return math.log(s / (1.0 - s))
 
 
 def roc_curve(members: ArrayLike, non_members: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
