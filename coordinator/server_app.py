@@ -51,6 +51,8 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, Key
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 from flwr.serverapp import ServerApp
 
+from coordinator.aggregate_guard import AggregateGuard
+
 HEADLINE_PRINTED = 6  # metrics per evaluation line in the ServerApp's output (all go to MLflow)
 
 
@@ -110,10 +112,11 @@ class FedTwinFedAvg(FedAvg):
     round's aggregate is not a new model (the sites sent back what they received): it is ignored.
     """
 
-    def __init__(self, log: RoundLog, n_params: int, spec, encoding=None, keeper=None, **kw) -> None:
+    def __init__(self, log: RoundLog, n_params: int, spec, encoding=None, keeper=None, guard=None, **kw) -> None:
         super().__init__(**kw)
         self.log = log
         self.keeper = keeper  # coordinator.provenance_keeper.ProvenanceKeeper, or None (no provenance)
+        self.guard = guard  # coordinator.aggregate_guard.AggregateGuard, or None (no aggregate check)
         self.n_params = n_params
         self.spec = spec
         self.encoding = encoding  # SecureSumEncoding when SecAgg+ carries statistics
@@ -169,33 +172,35 @@ class FedTwinFedAvg(FedAvg):
             self.latest = model_params
         return model_params, metrics
 
-
-    guard = None  # coordinator.aggregate_guard.AggregateGuard: set by main()
+    def _site_of(self, proxy) -> str | None:
+        """The site name a result's node reported this round (set above from its fit metrics)."""
+        return self.log.site_names.get(int(getattr(proxy, "node_id", 0) or 0))
 
     def _aggregate_accepted(self, server_round: int, results, params) -> bool:
         """Refuse an aggregate no set of honest updates can produce (coordinator/aggregate_guard.py)."""
-        counts = [(self.log.site_names.get(int(getattr(p, "node_id", 0) or 0), "?"), int(r.num_examples)) for p, r in results]
+        counts = [(self._site_of(p) or "?", int(r.num_examples)) for p, r in results]
         problems = self.guard.problems(counts, parameters_to_ndarrays(params)[: self.n_params])
-        for problem in problems:
-            print(f"FEDTWIN aggregate_error round={server_round} {' '.join(problem.split())[:600]}", flush=True)
-        if problems:
-            print(f"FEDTWIN aggregate_error round={server_round} the aggregate is refused: the round halts and the "
-                  f"global model stays as it was", flush=True)
-        return not problems
+        return _accepted("aggregate_error", server_round, problems, 600, "the round halts and the global model stays as it was")
 
     def _manifests_accepted(self, server_round: int, results) -> bool:
         """Check every site's signed manifest; refuse the aggregate if any is missing or wrong."""
         from fedtwin.provenance.manifest import MANIFEST_METRIC
 
-        texts = {self.log.site_names[int(getattr(p, "node_id", 0) or 0)]: (r.metrics or {}).get(MANIFEST_METRIC) for p, r in results}
+        texts = {self._site_of(p): (r.metrics or {}).get(MANIFEST_METRIC) for p, r in results}
         good, problems = self.keeper.check_manifests(server_round, self.log.start_hash[server_round], texts)
         self.log.manifests[server_round] = good
-        for problem in problems:
-            print(f"FEDTWIN provenance_error round={server_round} {' '.join(problem.split())[:400]}", flush=True)
-        if problems:
-            print(f"FEDTWIN provenance_error round={server_round} the aggregate is refused: "
-                  f"{len(problems)} site(s) sent no valid signed manifest", flush=True)
-        return not problems
+        return _accepted("provenance_error", server_round, problems, 400,
+                         f"{len(problems)} site(s) sent no valid signed manifest")
+
+
+def _accepted(kind: str, server_round: int, problems: list[str], width: int, why: str) -> bool:
+    """Print each reason to refuse a round's aggregate as a ``FEDTWIN <kind>`` line (launch echoes them),
+    then the refusal itself; True when there is none."""
+    for problem in problems:
+        print(f"FEDTWIN {kind} round={server_round} {' '.join(problem.split())[:width]}", flush=True)
+    if problems:
+        print(f"FEDTWIN {kind} round={server_round} the aggregate is refused: {why}", flush=True)
+    return not problems
 
 
 class ErrorReportingGrid:
@@ -613,6 +618,7 @@ def main(grid, context) -> None:
         spec,
         encoding,
         keeper,
+        AggregateGuard.from_run_config(cfg),
         fraction_fit=1.0,
         fraction_evaluate=0.0,
         min_fit_clients=n,
@@ -625,9 +631,6 @@ def main(grid, context) -> None:
         # bounds sampling), so failures must not void a round it completed
         accept_failures=True,
     )
-    from coordinator.aggregate_guard import AggregateGuard
-
-    strategy.guard = AggregateGuard.from_run_config(cfg)
     holder["strategy"] = strategy
     total_rounds = max(remaining, 0) + (1 if evaluation_round else 0)
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=total_rounds), strategy=strategy)

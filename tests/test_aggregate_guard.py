@@ -71,8 +71,8 @@ def test_the_strategy_refuses_the_aggregate_and_says_why(capsys: pytest.CaptureF
     from coordinator.server_app import FedTwinFedAvg, RoundLog
 
     log = RoundLog()
-    strategy = FedTwinFedAvg(log, 1, spec=None, initial_parameters=ndarrays_to_parameters([np.zeros(3)]), accept_failures=True)
-    strategy.guard = GUARD
+    strategy = FedTwinFedAvg(log, 1, spec=None, guard=GUARD, initial_parameters=ndarrays_to_parameters([np.zeros(3)]),
+                             accept_failures=True)
 
     def result(node: int, site: str, value: float, n: int):
         res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([np.full(3, value, dtype=np.float32)]), n, {"site": site})
