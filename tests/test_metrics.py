@@ -406,6 +406,21 @@ def test_recalibration_without_both_classes_is_undefined():
     assert np.isnan(auroc(stats, "o").value)
 
 
+def test_recalibration_slope_of_nearly_equal_risks_is_not_estimable_but_the_intercept_is():
+    """Risks within 0.5 % of each other in logit (a barely trained twin) gave a slope of -142 whose
+    CI moved by 1 % with the 2^-20 rounding of the federated sums: not a number to report."""
+    from fedtwin.metrics.calibration import MIN_LOGIT_SD
+
+    rng = np.random.default_rng(3)
+    y = rng.random(400) < 0.3
+    for sd, estimable in ((0.005, False), (MIN_LOGIT_SD * 0.9, False), (MIN_LOGIT_SD * 1.2, True)):
+        x = -0.85 + sd * rng.standard_normal(400)
+        x = -0.85 + (x - x.mean()) * sd / x.std()  # exactly this spread
+        stats = _one_outcome_stats(y, 1 / (1 + np.exp(-x)))
+        assert np.isfinite(calibration_slope(stats, "o").value) == estimable, sd
+        assert np.isfinite(calibration_intercept(stats, "o").value)
+
+
 # -- subgroup labels ----------------------------------------------------------------------------
 
 
