@@ -9,7 +9,8 @@ must equal the spec's hash; the spec's hash is what every site checks against it
 (what the whole training may spend at each site: sites calibrate their noise once for all
 rounds), ``local-epochs``, ``batch-size``, ``max-grad-norm``, ``learning-rate``, ``evaluate``
 (SecAgg+ only: sites add evaluation statistics and a last evaluation round scores the final model),
-``output-path`` (npz of the final global parameters, keys ``p0000``...; empty: not saved),
+``output-path`` (npz of the final global parameters, keys ``p0000``...; empty: not saved; not
+written when no round of a training starting at round 1 completed: nothing was trained),
 ``study-id``, ``checkpoint-dir``, ``mlflow-tracking-uri``, ``resume``.
 
 Checkpoints (``checkpoint-dir`` non-empty): after every *completed* training round the global
@@ -34,7 +35,13 @@ sites=N`` per training round (a SecAgg+ round below the reconstruction threshold
 Flower skips it without an exception), ``FEDTWIN evaluation round=R ...`` for the evaluation
 round, ``FEDTWIN evaluation model_round=R key=value ...`` (headline metrics of the model after
 round R), ``FEDTWIN site_error round=R node=N site=S reason=...`` for every refusal or failure a
-site reports, and at the end ``FEDTWIN final rounds_completed=C rounds=R saved=PATH``.
+site reports, and at the end ``FEDTWIN final rounds_completed=C rounds=R first_round=F saved=PATH``
+(``fedtwin consortium status`` reads it: a run with C = 0 shows as ``finished:no-round-completed``).
+When every round of a training starting at round 1 halted, nothing was trained: no parameters
+are saved, a ``FEDTWIN no_final_model halted_rounds=... Fix: ...`` line says why and what to do,
+and the last line is ``FEDTWIN final rounds_completed=0 rounds=R first_round=1 saved=-
+reason=no-round-completed``. (A resumed launch whose rounds all halted saves the last
+checkpoint's parameters, as after any halted round.)
 """
 
 from __future__ import annotations
@@ -669,13 +676,37 @@ def main(grid, context) -> None:
                 print(f"FEDTWIN tracking_lost unwritten={len(writes.unwritten())} what={','.join(writes.unwritten())} "
                       f"uri={uri} records={Path(ckpt_dir) / 'provenance' if ckpt_dir else '-'}", flush=True)
 
-    final = parameters_to_ndarrays(strategy.latest)
     if evaluation_round is not None and evaluation_round in log.reports and ckpt_dir:
         import json
 
         (Path(ckpt_dir) / "final-evaluation.json").write_text(json.dumps(log.reports[evaluation_round], indent=1))
-    out = str(cfg.get("output-path", "")).strip()
-    if out:
-        np.savez(out, **{f"p{i:04d}": np.asarray(a) for i, a in enumerate(final)})
     done = sum(1 for r, st in log.status.items() if st == "completed" and r != evaluation_round)
+    out = str(cfg.get("output-path", "")).strip()
+    if remaining > 0 and done == 0 and start == 1:
+        _no_final_model(out, log.training_halted(), rounds)
+        return
+    if out:
+        final = parameters_to_ndarrays(strategy.latest)
+        np.savez(out, **{f"p{i:04d}": np.asarray(a) for i, a in enumerate(final)})
     print(f"FEDTWIN final rounds_completed={done} rounds={rounds} first_round={start} saved={out or '-'}", flush=True)
+
+
+NO_ROUND_COMPLETED = "no-round-completed"  # the FEDTWIN final line's reason= (read by `fedtwin consortium status`)
+
+
+def _no_final_model(out: str, halted: list[int], rounds: int) -> None:
+    """Say that the training has no trained round at all, and write no final parameters.
+
+    Why: when every round of a training that starts at round 1 halted, the global parameters are
+    still the fresh, untrained twin, and a ``final.npz`` holding them would pass for a trained one.
+    (A resumed launch whose rounds all halted still saves: its parameters are the last
+    checkpoint's, the model of the last completed round, as after any halted round.) A file
+    already at ``out`` (an earlier launch's) is left as it was, and named, so nobody takes it
+    for this launch's.
+    """
+    kept = f"; the file already at {out} is from an earlier launch and was left as it was" if out and Path(out).exists() else ""
+    print(f"FEDTWIN no_final_model halted_rounds={','.join(map(str, halted)) or '-'}: no training round completed, so "
+          f"nothing was trained and no final parameters were written{f' to {out}' if out else ''}{kept}. Fix: read the "
+          f"halted rounds' site_error / aggregate_error / provenance_error lines above, remove their cause, then start "
+          f"the training again (no round was checkpointed: there is nothing to --resume)", flush=True)
+    print(f"FEDTWIN final rounds_completed=0 rounds={rounds} first_round=1 saved=- reason={NO_ROUND_COMPLETED}", flush=True)

@@ -48,6 +48,26 @@ def _final(output: str) -> list[float]:
 # ------------------------------------------------------------------------------- init (fast)
 
 
+def test_run_state_says_how_the_training_went_not_only_that_the_serverapp_exited() -> None:
+    from coordinator.consortium.run_outcome import run_state, training_outcome
+
+    def state(log: str, status: str = "finished", sub: str = "completed") -> str:
+        return run_state(status, sub, training_outcome(log))
+
+    line = "FEDTWIN final rounds_completed={} rounds={} first_round={} saved=-"
+    assert state("FEDTWIN round=1 status=halted sites=0\n" + line.format(0, 2, 1) + " reason=no-round-completed\n") \
+        == "finished:no-round-completed"
+    assert state(line.format(1, 2, 1)) == "finished:rounds-halted"
+    assert state(line.format(2, 2, 1)) == "finished:completed"
+    assert state(line.format(1, 2, 2)) == "finished:completed"  # a resumed launch ran round 2 only
+    assert training_outcome(line.format(1, 2, 2)).describe() == "1 of 1 completed (from round 2)"
+    assert training_outcome(line.format(0, 3, 1)).describe() == "0 of 3 completed"
+    # another app's run, a failed or running run: Flower's status as it is
+    assert state("PROBE final=[1.0]") == "finished:completed"
+    assert state(line.format(0, 2, 1), sub="failed") == "finished:failed"
+    assert run_state("running", "", None) == "running"
+
+
 def test_init_creates_verifiable_pki_keys_and_configs(tmp_path: Path) -> None:
     from cryptography import x509
     from cryptography.hazmat.primitives.asymmetric import ec, ed25519

@@ -3,6 +3,8 @@
 One launch of 1 round, then ``--resume --rounds 2`` continues at round 2 from the round-1
 checkpoint into the same MLflow run; the pre-run checks (missing study file, unusable MLflow
 store, refused fresh launch over checkpoints, nothing left to resume) fail before anything runs.
+A launch whose every round halted writes no final model, and ``consortium status`` shows its run
+as ``finished:no-round-completed`` (Flower's own status says ``finished:completed``).
 """
 
 from __future__ import annotations
@@ -158,6 +160,29 @@ def test_a_site_that_died_before_replying_is_named_from_the_consortium_node_map(
                      "coordinator check failed: round 2: site_3 reported num_examples=1000000, outside [1, max_weight=1000]"]
 
 
+def test_a_training_with_no_completed_round_writes_no_final_model_and_says_what_to_do(tmp_path: Path, capsys) -> None:
+    from coordinator.consortium.run_outcome import training_outcome
+    from coordinator.server_app import _no_final_model
+
+    out = tmp_path / "final.npz"
+    _no_final_model(str(out), [1, 2], 2)
+    text = capsys.readouterr().out
+    assert not out.exists()
+    assert (f"FEDTWIN no_final_model halted_rounds=1,2: no training round completed, so nothing was trained and no final "
+            f"parameters were written to {out}. Fix: read the halted rounds' site_error / aggregate_error / provenance_error "
+            f"lines above, remove their cause, then start the training again (no round was checkpointed: there is nothing "
+            f"to --resume)") in text, text
+    assert text.splitlines()[-1] == "FEDTWIN final rounds_completed=0 rounds=2 first_round=1 saved=- reason=no-round-completed"
+    assert training_outcome(text).state == "no-round-completed"
+
+    # a file an earlier launch left at output-path is named and left as it was
+    out.write_bytes(b"earlier")
+    _no_final_model(str(out), [1], 1)
+    text = capsys.readouterr().out
+    assert out.read_bytes() == b"earlier"
+    assert f"the file already at {out} is from an earlier launch and was left as it was. Fix:" in text, text
+
+
 @pytest.fixture(scope="module")
 def consortium(tmp_path_factory: pytest.TempPathFactory):
     from coordinator.consortium import init_consortium
@@ -226,6 +251,11 @@ def test_launch_then_resume_continues_from_the_checkpoint_in_one_mlflow_run(cons
     assert [a.shape for a in round2] == [a.shape for a in round1]
     assert any(not np.allclose(a, b) for a, b in zip(round1, round2))
     assert (ckpt_dir / RUN_ID_FILE).read_text().strip() == run_id
+    # `consortium status`: the resumed launch ran round 2 only, and completed it
+    from coordinator.consortium.consortium import status
+
+    resumed = next(r for r in status(consortium).runs if r["run_id"] == int(re.search(r"ok run (\d+):", res.output).group(1)))
+    assert (resumed["state"], resumed["rounds_completed"], resumed["rounds"], resumed["first_round"]) == ("finished:completed", 1, 2, 2)
 
     assert run_id != halted_run
     exp = client.get_experiment_by_name(study.study.id)
@@ -245,3 +275,44 @@ def test_launch_then_resume_continues_from_the_checkpoint_in_one_mlflow_run(cons
     # nothing left to resume
     res = _cli("launch", "--config", str(study_file), "--resume", "--rounds", "2")
     assert res.exit_code == 2 and "nothing left to run" in cli_text(res), cli_text(res)
+
+
+@pytest.mark.slow
+def test_a_launch_whose_every_round_halted_leaves_no_final_model_and_status_says_so(consortium: Path) -> None:
+    """Both sites refuse both rounds: the study's spec is not the one they hold (spec-hash mismatch)."""
+    import shutil
+
+    import tomli_w
+
+    from coordinator.consortium.cli import app as consortium_app
+    from coordinator.consortium import load_study_config
+    from coordinator.consortium.consortium import status
+    from coordinator.launch import study_checkpoint_dir
+
+    data = tomllib.loads((consortium / "study.toml").read_text())
+    data["study"]["id"] = "launch-all-halted"
+    data["study"]["spec"] = "specs/hypertension-bp.yaml"
+    shutil.copyfile(REPO / "specs" / "hypertension-bp.yaml", consortium / "specs" / "hypertension-bp.yaml")
+    study_file = consortium / "study-all-halted.toml"
+    study_file.write_text(tomli_w.dumps(data))
+    ckpt_dir = study_checkpoint_dir(load_study_config(study_file))
+
+    res = _cli("launch", "--config", str(study_file), "--rounds", "2")
+    text = cli_text(res)
+    assert res.exit_code == 1 and "round(s) 1, 2 halted" in text and "is not the site's spec hash" in text, text
+    assert not (ckpt_dir / "final.npz").exists() and not list(ckpt_dir.glob("*.npz")), sorted(ckpt_dir.iterdir())
+    said = ("FEDTWIN no_final_model halted_rounds=1,2: no training round completed, so nothing was trained and no final "
+            f"parameters were written to {ckpt_dir / 'final.npz'}.")
+    assert "".join(said.split()) in "".join(text.split()), text  # whitespace aside: the console folds long paths
+    assert "there is nothing to --resume" in text, text
+    assert "FEDTWIN final rounds_completed=0 rounds=2 first_round=1 saved=- reason=no-round-completed" in text, text
+    run_id = int(re.search(r"Error: run (\d+):", text).group(1))
+
+    # Flower says finished:completed (the ServerApp exited normally); status says what the training did
+    runs = {r["run_id"]: r for r in status(consortium).runs}
+    assert (runs[run_id]["status"], runs[run_id]["sub_status"]) == ("finished", "completed")
+    assert runs[run_id]["state"] == "finished:no-round-completed"
+    assert (runs[run_id]["rounds_completed"], runs[run_id]["rounds"], runs[run_id]["first_round"]) == (0, 2, 1)
+    shown = CliRunner().invoke(consortium_app, ["status", str(consortium)])
+    row = next((line for line in shown.output.splitlines() if str(run_id) in line), "")
+    assert "finished:no-round-completed" in row and "0 of 2" in row, shown.output

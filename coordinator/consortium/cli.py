@@ -104,7 +104,8 @@ def status_cmd(
     root: Path = typer.Argument(..., help="the consortium folder"),
     json_out: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
-    """What is running: processes (pid, log), SuperNodes as the SuperLink sees them, runs."""
+    """What is running: processes (pid, log), SuperNodes as the SuperLink sees them, runs (a FedTwin run whose
+    every round halted shows as finished:no-round-completed, not Flower's finished:completed)."""
     if json_out:
         from dataclasses import asdict
 
@@ -145,11 +146,16 @@ def _print_status(root: Path) -> None:
             t.add_row(n["site"], str(n["node_id"]), n["status"])
         console.print(t)
     if st.runs:
+        from coordinator.consortium.run_outcome import TrainingOutcome
+
         t = Table(title="runs")
-        for col in ("run id", "app", "status"):
-            t.add_column(col)
+        t.add_column("run id", no_wrap=True)  # whole: it is what `flwr log` and the launch's lines name
+        t.add_column("app", overflow="fold")
+        t.add_column("status", no_wrap=True)
+        t.add_column("training rounds")
         for r in st.runs[-10:]:
-            t.add_row(str(r["run_id"]), r["fab_id"], f"{r['status']}:{r['sub_status']}" if r["sub_status"] else r["status"])
+            rounds = "-" if r["rounds_completed"] is None else TrainingOutcome(r["rounds_completed"], r["rounds"], r["first_round"]).describe()
+            t.add_row(str(r["run_id"]), r["fab_id"], r["state"], rounds)
         console.print(t)
 
 

@@ -608,11 +608,36 @@ def status(root: str | Path) -> Status:
                     {"node_id": n.node_id, "site": by_id.get(n.node_id, n.name or "?"), "status": n.status}
                     for n in ctl.nodes() if n.status != "unregistered"
                 ]
-                runs = [{"run_id": r.run_id, "status": r.status, "sub_status": r.sub_status, "fab_id": r.fab_id} for r in ctl.runs()]
+                runs = [_run_entry(ctl, r) for r in ctl.runs()]
             reachable = True
         except Exception:  # noqa: BLE001 - report unreachable
             reachable = False
     return Status(c.layout.root, c.address, c.federation, procs, reachable, nodes, runs)
+
+
+def _run_entry(ctl, run) -> dict[str, Any]:
+    """One run of ``status``: Flower's ``status``/``sub_status``, and ``state``, what the run's training did.
+
+    Why: Flower says ``finished:completed`` whenever the ServerApp exited normally, also when every
+    round halted; the ``FEDTWIN final`` line of the run's log says how many training rounds
+    completed (:mod:`coordinator.consortium.run_outcome`). ``rounds_completed``, ``rounds`` and
+    ``first_round`` are None for a run that printed no such line (another app, or a failed run).
+    """
+    from coordinator.consortium.run_outcome import run_state, training_outcome
+
+    outcome = None
+    if (run.status, run.sub_status) == ("finished", "completed"):
+        try:
+            outcome = training_outcome(ctl.run_log(run.run_id))
+        except Exception:  # noqa: BLE001 - the log is extra detail: without it the run keeps Flower's status
+            outcome = None
+    return {
+        "run_id": run.run_id, "status": run.status, "sub_status": run.sub_status, "fab_id": run.fab_id,
+        "state": run_state(run.status, run.sub_status, outcome),
+        "rounds_completed": outcome.rounds_completed if outcome else None,
+        "rounds": outcome.rounds if outcome else None,
+        "first_round": outcome.first_round if outcome else None,
+    }
 
 
 # ------------------------------------------------------------------------------------- run_app

@@ -71,6 +71,16 @@ class Control:
             for rid, r in sorted(res.run_dict.items())
         ]
 
+    def run_log(self, run_id: int) -> str:
+        """The whole log of a *finished* run's ServerApp (what ``flwr log RUN_ID`` prints).
+
+        Only for finished runs: the SuperLink ends the stream once it has sent everything of a
+        finished run, but keeps it open (no read timeout) while the run is still going.
+        """
+        from flwr.proto.control_pb2 import StreamLogsRequest  # pylint: disable=E0611
+
+        return "".join(res.log_output for res in self._client.StreamLogs(StreamLogsRequest(run_id=run_id, after_timestamp=0.0)))
+
     def stop_run(self, run_id: int) -> None:
         from flwr.proto.control_pb2 import StopRunRequest  # pylint: disable=E0611
 

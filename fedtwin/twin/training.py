@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedtwin.errors import FedTwinError
+from fedtwin.privacy.group_clipping import ClipGroup, GroupClippedDPOptimizer
 from fedtwin.extract.tensors import CohortTensors
 from fedtwin.twin.batch import TwinBatch, prepare_batch
 from fedtwin.twin.config import DPSettings, FitConfig
@@ -77,6 +78,20 @@ def torch_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
+def clip_groups(model: TwinModel, dp: DPSettings) -> list[ClipGroup]:
+    """The outcome (hazard) head apart from everything else, per ``DPSettings.outcome_clip_share``;
+    one group (flat clipping) when the share is 0 or the spec has no outcome."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    head = [p for p in model.hazard.parameters() if p.requires_grad] if model.hazard is not None else []
+    if not head or dp.outcome_clip_share == 0:
+        return [ClipGroup("all", tuple(params), 1.0)]
+    ids = {id(p) for p in head}
+    return [
+        ClipGroup("dynamics", tuple(p for p in params if id(p) not in ids), 1.0 - dp.outcome_clip_share),
+        ClipGroup("outcome_head", tuple(head), dp.outcome_clip_share, dp.outcome_grad_scale),
+    ]
+
+
 class PrivateTrainer:
     """Opacus PrivacyEngine around a TwinModel: per-patient clipping, noise, accounting."""
 
@@ -99,7 +114,7 @@ class PrivateTrainer:
         self._sampling_gen = torch.Generator().manual_seed(seed + 1)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Opacus warns about poisson_sampling=False; sampling is ours
-            self.module, self.optimizer, _ = self.engine.make_private(
+            self.module, flat, _ = self.engine.make_private(
                 module=model,
                 optimizer=optimizer,
                 data_loader=placeholder,
@@ -109,6 +124,14 @@ class PrivateTrainer:
                 grad_sample_mode="hooks",
                 noise_generator=noise_gen,
             )
+        groups = clip_groups(model, dp)
+        # make_private wraps the module (per-sample gradients) and validates it; its flat-clipping
+        # optimizer is replaced by the group-clipping one over the same Adam when the model has
+        # an outcome head to clip apart (fedtwin.privacy.group_clipping)
+        self.optimizer = flat if len(groups) < 2 else GroupClippedDPOptimizer(
+            optimizer, groups=groups, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
+            expected_batch_size=flat.expected_batch_size, loss_reduction="mean", generator=noise_gen,
+        )
         self.optimizer.expected_batch_size = dp.sample_rate * n_patients
         self.optimizer.attach_step_hook(self.engine.accountant.get_optimizer_hook_fn(sample_rate=dp.sample_rate))
         self.steps = 0
@@ -139,7 +162,11 @@ class PrivateTrainer:
         return float(loss.detach()) if batch.size else float("nan")
 
     def epsilon(self) -> float:
-        return float(self.engine.get_epsilon(self.dp.delta)) if self.steps else 0.0
+        if not self.steps:
+            return 0.0
+        if self.dp.noise_multiplier == 0:
+            return math.inf  # no noise, no privacy (the PRV accountant overflows instead of saying so)
+        return float(self.engine.get_epsilon(self.dp.delta))
 
     def report(self) -> DPReport:
         d = self.dp
