@@ -74,7 +74,7 @@ def main(
     from fedtwin.extract.extractor import concat
     from fedtwin.twin import DPSettings, FitConfig, fit
 
-    console = Console()
+    console = Console(width=200)  # the whole table, also in a log file
     s = Settings(seeds=(seed,))
     folder = keep or Path(tempfile.mkdtemp(prefix="fedtwin-outcome-clipping-"))
     t_start = time.perf_counter()

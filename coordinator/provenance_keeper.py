@@ -77,11 +77,15 @@ class ProvenanceKeeper:
 
     @classmethod
     def open(cls, *, study_id: str, spec_hash: str, signing_key: str | Path, trusted_keys: str | Path,
-             folder: str | Path | None, secagg: dict[str, Any], attachments: dict[str, str], resume: bool) -> ProvenanceKeeper:
-        """Load the keys (failing before round 1 if they are unusable) and, on resume, the chain so far."""
+             folder: str | Path | None, secagg: dict[str, Any], attachments: dict[str, str], resume: bool,
+             documents: dict[str, Any] | None = None) -> ProvenanceKeeper:
+        """Load the keys (failing before round 1 if they are unusable) and, on resume, the chain so far.
+
+        ``documents`` are the attached documents themselves (``attachments`` holds their digests)."""
         load_signing_key(signing_key)  # fail now, not after the first round
         keeper = cls(study_id, spec_hash, Path(signing_key), KeyRing.from_dir(trusted_keys),
-                     Path(folder) if folder else None, dict(secagg), dict(attachments))
+                     Path(folder) if folder else None, dict(secagg), dict(attachments),
+                     documents=dict(documents or {}), trusted_keys=Path(trusted_keys))
         if keeper.folder is not None and keeper.folder.is_dir():
             found = sorted((int(m.group(1)), p) for p in keeper.folder.iterdir() if (m := RECORD_RE.match(p.name)))
             if found and not resume:

@@ -428,15 +428,12 @@ def _open_keeper(cfg, spec, h: str, ckpt_dir: str, resume: bool, training_id: st
     facts = study_facts(cfg, code_version())
     facts["suppression_threshold"] = int(spec.suppression_threshold)
     spec_doc = json.loads(canonical_json(spec))
-    keeper = ProvenanceKeeper.open(
+    return ProvenanceKeeper.open(
         study_id=facts["study_id"], spec_hash=h, signing_key=signing, trusted_keys=trusted,
         folder=Path(ckpt_dir) / RECORD_DIR / training_id if ckpt_dir else None,
-        secagg={k: v for k, v in facts["secagg"].items()}, attachments={"spec": digest(spec_doc), "study": digest(facts)},
-        resume=resume,
+        secagg=dict(facts["secagg"]), attachments={"spec": digest(spec_doc), "study": digest(facts)},
+        resume=resume, documents={"spec": spec_doc, "study": facts},
     )
-    keeper.documents = {"spec": spec_doc, "study": facts}
-    keeper.trusted_keys = Path(trusted)
-    return keeper
 
 
 def _release(tracker, keeper, log: RoundLog, strategy, rounds: int, ckpt_dir: str, spec_path: str, spec) -> None:

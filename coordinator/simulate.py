@@ -666,7 +666,8 @@ def simulate_command(
     )
     if res.peak_rss_mb is not None:
         console.print(f"peak RSS (this process + Ray) {res.peak_rss_mb:.0f} MB", highlight=False)
-    console.print(f"output {res.out} (final parameters {res.final_path.name}, log {res.log_path.name}, result.json)", highlight=False)
+    final = f"final parameters {res.final_path.name}" if res.final_path.is_file() else "no final parameters: no round completed"
+    console.print(f"output {res.out} ({final}, log {res.log_path.name}, result.json)", highlight=False)
     if not res.ok:
         err.print(f"[bold red]Error:[/] {escape(res.message)}", highlight=False)
         raise typer.Exit(1)

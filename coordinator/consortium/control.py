@@ -68,7 +68,9 @@ class Control:
         res = self._client.ListRuns(req)
         return [
             RunView(rid, r.status.status, r.status.sub_status, r.status.details, r.fab_id)
-            for rid, r in sorted(res.run_dict.items())
+            # oldest first by when the SuperLink took the run: run ids are random, and status
+            # shows the last ten as the newest
+            for rid, r in sorted(res.run_dict.items(), key=lambda item: (item[1].pending_at, item[0]))
         ]
 
     def run_log(self, run_id: int) -> str:

@@ -444,7 +444,7 @@ def build_card(evidence: RunEvidence) -> dict[str, Any]:
         "secure_aggregation": _secure_aggregation(ev),
         "rounds": _rounds(ev),
         "ethical_considerations": text.ethical_considerations(spec, study),
-        "caveats": text.caveats(spec, study),
+        "caveats": text.risk_caveats(ev.final_report) + text.caveats(spec, study),
         "mechanistic_limitations": text.mechanistic_limitations(spec),
         "update_plan": text.update_plan(spec, study),
     }

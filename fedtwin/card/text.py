@@ -181,8 +181,9 @@ def caveats(spec: dict[str, Any], study: dict[str, Any]) -> list[str]:
         "sites.",
         "If the sites' databases were synthetic (fedtwin synth, as in the demo), every figure here describes the "
         "simulator, not patients; the evidence records the OMOP data sources but not whether they were synthetic.",
-        f"DP twins are weak at small epsilon: in FedTwin's benchmark (about 1,200 training patients) DP-SGD left the "
-        f"hazard head near chance (AUROC 0.40-0.59) at epsilon 1-8, while forecasts degraded gracefully; this study's "
+        f"DP twins are weak at small epsilon: in FedTwin's benchmark (4 sites of 300-720 patients, docs/results.md) "
+        f"the federated DP twins' risk scores ranked deaths no better than chance, often backwards (AUROC 0.36-0.42 "
+        f"at epsilon 1-8; the DP noise on the outcome head), while forecasts degraded gracefully; this study's "
         f"allowance was epsilon {study.get('epsilon_per_site')} per site.",
         "Under DP the prediction intervals were not recalibrated and tend to over-cover (conservative).",
         f"What-if answers for {_join(f['interventions'])} are limited to the declared links ({_join(f['links'])}); "
@@ -192,6 +193,28 @@ def caveats(spec: dict[str, Any], study: dict[str, Any]) -> list[str]:
         "Metrics are pooled over sites; a site whose case mix differs can see different performance, which this card "
         "cannot show (site-level metrics are never released).",
     ]
+
+
+def risk_caveats(report: dict[str, Any]) -> list[str]:
+    """What this twin's own held-out AUROCs say about using its risk scores, per outcome.
+
+    Why: a risk score that ranks patients backwards is worse than none, and the benchmark shows
+    DP training can produce one; the card must say so for *this* model, from its own published
+    cells (value and CI; suppressed cells say nothing)."""
+    out = []
+    for o in report.get("outcomes", []):
+        cell = report.get("metrics", {}).get(f"auroc.{o}.twin")
+        if not isinstance(cell, dict) or cell.get("value") is None or not cell.get("ci"):
+            continue
+        v, (lo, hi) = float(cell["value"]), (float(x) for x in cell["ci"])
+        shown = f"AUROC {v:.2f}, CI {lo:.2f}-{hi:.2f}"
+        if hi < 0.5:
+            out.append(f"The {o} risk ranks the held-out patients BACKWARDS ({shown}): do not use it to rank, triage or "
+                       f"alert; retrain (docs/results.md discusses why DP training can do this).")
+        elif lo <= 0.5:
+            out.append(f"The {o} risk is not distinguishable from chance on the held-out patients ({shown}): do not use "
+                       f"it to rank, triage or alert.")
+    return out
 
 
 def mechanistic_limitations(spec: dict[str, Any]) -> list[str]:
