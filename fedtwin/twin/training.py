@@ -26,8 +26,8 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedtwin.errors import FedTwinError
-from fedtwin.privacy.group_clipping import ClipGroup, GroupClippedDPOptimizer
 from fedtwin.extract.tensors import CohortTensors
+from fedtwin.privacy.group_clipping import ClipGroup, GroupClippedDPOptimizer
 from fedtwin.twin.batch import TwinBatch, prepare_batch
 from fedtwin.twin.config import DPSettings, FitConfig
 from fedtwin.twin.model import TwinModel
