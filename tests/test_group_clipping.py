@@ -125,3 +125,17 @@ def test_the_twin_trains_its_outcome_head_as_its_own_clip_group() -> None:
         assert not isinstance(flat.optimizer, GroupClippedDPOptimizer)
     finally:
         flat.close()
+
+
+def test_the_serverapp_and_the_twin_modules_import_without_opacus() -> None:
+    """Importing Opacus calls logging.basicConfig: in the ServerApp (which imports fedtwin.twin)
+    that doubled every Flower log line and pushed the coordinator's refusal reasons out of the
+    log tail that `fedtwin coordinator launch` prints (tests/reliability/test_misuse.py caught it).
+    Opacus is imported where DP-SGD runs, not by these modules."""
+    import subprocess
+    import sys
+
+    code = ("import logging, sys; import coordinator.server_app, fedtwin.twin, fedtwin.twin.training, fedtwin.evaluation; "
+            "print('opacus' in sys.modules, len(logging.getLogger().handlers))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "0"], out

@@ -27,7 +27,6 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fedtwin.errors import FedTwinError
 from fedtwin.extract.tensors import CohortTensors
-from fedtwin.privacy.group_clipping import ClipGroup, GroupClippedDPOptimizer
 from fedtwin.twin.batch import TwinBatch, prepare_batch
 from fedtwin.twin.config import DPSettings, FitConfig
 from fedtwin.twin.model import TwinModel
@@ -78,9 +77,11 @@ def torch_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
-def clip_groups(model: TwinModel, dp: DPSettings) -> list[ClipGroup]:
+def clip_groups(model: TwinModel, dp: DPSettings) -> list:
     """The outcome (hazard) head apart from everything else, per ``DPSettings.outcome_clip_share``;
-    one group (flat clipping) when the share is 0 or the spec has no outcome."""
+    one group (flat clipping) when the share is 0 or the spec has no outcome (list of ClipGroup)."""
+    from fedtwin.privacy.group_clipping import ClipGroup  # imports Opacus: see PrivateTrainer
+
     params = [p for p in model.parameters() if p.requires_grad]
     head = [p for p in model.hazard.parameters() if p.requires_grad] if model.hazard is not None else []
     if not head or dp.outcome_clip_share == 0:
@@ -96,7 +97,11 @@ class PrivateTrainer:
     """Opacus PrivacyEngine around a TwinModel: per-patient clipping, noise, accounting."""
 
     def __init__(self, model: TwinModel, n_patients: int, dp: DPSettings, lr: float) -> None:
+        # Opacus is imported here, not at module level: importing it calls logging.basicConfig,
+        # which in the ServerApp (it imports fedtwin.twin) doubled every Flower log line
         from opacus import PrivacyEngine
+
+        from fedtwin.privacy.group_clipping import GroupClippedDPOptimizer
 
         if n_patients < 1:
             raise FedTwinError("DP training needs at least one patient")
