@@ -3,8 +3,8 @@
 Why: Opacus's flat clipping scales each patient's *whole* gradient by ``min(1, C / ||g||)``.
 The twin's gradient is dominated by the forecast likelihood (per-patient norm ~5) while the
 outcome head's is ~200x smaller; under flat clipping the head's gradient of each patient is
-scaled by a factor set by that patient's forecast error - smallest for the sickest patients -
-so the head learned from the wrong weighting, and under noise it barely learned at all: noise
+scaled by a factor set by that patient's forecast error, so the head learned from the wrong
+weighting, and under noise it barely learned at all: noise
 of ``sigma C`` on every coordinate swamps a gradient ~1/200 of C (bench/outcome_clipping.py,
 centralized: AKI AUROC 0.47 vs 0.63 without clipping at negligible noise; hazard NLL 2.05 vs
 1.51 at epsilon 8, untrained 2.45; docs/privacy.md).
