@@ -35,15 +35,10 @@ EPSILONS = (NO_DP_EPSILON, 8.0, 3.0)
 
 
 def auroc(score: np.ndarray, y: np.ndarray) -> float:
-    """Mann-Whitney AUROC (ties get the average rank)."""
-    from scipy.stats import rankdata
+    """Mann-Whitney AUROC of ``score`` for the events ``y`` (NaN without both classes)."""
+    from fedtwin.privacy.membership_bound import auroc as mann_whitney
 
-    pos = int(y.sum())
-    neg = len(y) - pos
-    if not pos or not neg:
-        return math.nan
-    ranks = rankdata(score)
-    return float((ranks[y].sum() - pos * (pos + 1) / 2) / (pos * neg))
+    return mann_whitney(score[y], score[~y]) if 0 < y.sum() < len(y) else math.nan
 
 
 def held_out(model, tensors) -> dict[str, float]:  # noqa: ANN001 - TwinModel, CohortTensors

@@ -685,10 +685,16 @@ def main(grid, context) -> None:
     if out:
         final = parameters_to_ndarrays(strategy.latest)
         np.savez(out, **{f"p{i:04d}": np.asarray(a) for i, a in enumerate(final)})
-    print(f"FEDTWIN final rounds_completed={done} rounds={rounds} first_round={start} saved={out or '-'}", flush=True)
+    print(_final_line(done, rounds, start, out), flush=True)
 
 
-NO_ROUND_COMPLETED = "no-round-completed"  # the FEDTWIN final line's reason= (read by `fedtwin consortium status`)
+NO_ROUND_COMPLETED = "no-round-completed"  # the FEDTWIN final line's reason= when nothing was trained
+
+
+def _final_line(done: int, rounds: int, first_round: int, saved: str, reason: str = "") -> str:
+    """The run's last line; ``fedtwin consortium status`` parses it (coordinator/consortium/run_outcome.py)."""
+    return (f"FEDTWIN final rounds_completed={done} rounds={rounds} first_round={first_round} saved={saved or '-'}"
+            + (f" reason={reason}" if reason else ""))
 
 
 def _no_final_model(out: str, halted: list[int], rounds: int) -> None:
@@ -706,4 +712,4 @@ def _no_final_model(out: str, halted: list[int], rounds: int) -> None:
           f"nothing was trained and no final parameters were written{f' to {out}' if out else ''}{kept}. Fix: read the "
           f"halted rounds' site_error / aggregate_error / provenance_error lines above, remove their cause, then start "
           f"the training again (no round was checkpointed: there is nothing to --resume)", flush=True)
-    print(f"FEDTWIN final rounds_completed=0 rounds={rounds} first_round=1 saved=- reason={NO_ROUND_COMPLETED}", flush=True)
+    print(_final_line(0, rounds, 1, "", NO_ROUND_COMPLETED), flush=True)

@@ -270,12 +270,12 @@ def test_numbers_are_copied_from_the_evidence(built: Built) -> None:
 def test_caveats_warn_when_this_twins_risk_ranks_backwards_or_at_chance(built: Built) -> None:
     """Read from the twin's own published AUROC cells: backwards (CI below 0.5), chance (CI
     covering 0.5), nothing for a good or a suppressed cell."""
-    from fedtwin.card import text
+    from fedtwin.card.build import risk_caveats
 
     def report(cells: dict) -> dict:
         return {"outcomes": list(cells), "metrics": {f"auroc.{o}.twin": c for o, c in cells.items()}}
 
-    said = text.risk_caveats(report({
+    said = risk_caveats(report({
         "death": {"value": 0.31, "ci": [0.22, 0.40], "n_patients": 300},
         "aki": {"value": 0.55, "ci": [0.45, 0.65], "n_patients": 300},
         "sepsis": {"value": 0.80, "ci": [0.72, 0.88], "n_patients": 300},
@@ -285,7 +285,7 @@ def test_caveats_warn_when_this_twins_risk_ranks_backwards_or_at_chance(built: B
     assert said[0].startswith("The death risk ranks the held-out patients BACKWARDS (AUROC 0.31, CI 0.22-0.40)")
     assert said[1].startswith("The aki risk is not distinguishable from chance on the held-out patients (AUROC 0.55, CI 0.45-0.65)")
     # the card puts them first among its caveats, from its own final report
-    assert built.card["caveats"][: len(text.risk_caveats(built.evidence.final_report))] == text.risk_caveats(built.evidence.final_report)
+    assert built.card["caveats"][: len(risk_caveats(built.evidence.final_report))] == risk_caveats(built.evidence.final_report)
 
 
 def test_suppressed_cells_stay_suppressed_in_json_markdown_and_html(built: Built) -> None:

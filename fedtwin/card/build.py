@@ -88,6 +88,28 @@ def _cell(report: Mapping[str, Any], key: str) -> Any:
     return report.get("metrics", {}).get(key)
 
 
+def risk_caveats(report: Mapping[str, Any]) -> list[str]:
+    """What this twin's own held-out AUROCs say about using its risk scores, per outcome.
+
+    Why: a risk score that ranks patients backwards is worse than none, and the benchmark shows
+    DP training can produce one; the card must say so for *this* model, from its own published
+    cells (value and CI; suppressed cells say nothing)."""
+    out = []
+    for o in report.get("outcomes", []):
+        cell = _cell(report, f"auroc.{o}.twin")
+        if not isinstance(cell, dict) or cell.get("value") is None or not cell.get("ci"):
+            continue
+        v, (lo, hi) = float(cell["value"]), (float(x) for x in cell["ci"])
+        shown = f"AUROC {v:.2f}, CI {lo:.2f}-{hi:.2f}"
+        if hi < 0.5:
+            out.append(f"The {o} risk ranks the held-out patients BACKWARDS ({shown}): do not use it to rank, triage or "
+                       f"alert; retrain (docs/results.md discusses why DP training can do this).")
+        elif lo <= 0.5:
+            out.append(f"The {o} risk is not distinguishable from chance on the held-out patients ({shown}): do not use "
+                       f"it to rank, triage or alert.")
+    return out
+
+
 def _last_completed_train(records: tuple[RoundRecord, ...]) -> RoundRecord | None:
     done = [r for r in records if r.kind == "train" and r.status == "completed"]
     return done[-1] if done else None
@@ -444,7 +466,7 @@ def build_card(evidence: RunEvidence) -> dict[str, Any]:
         "secure_aggregation": _secure_aggregation(ev),
         "rounds": _rounds(ev),
         "ethical_considerations": text.ethical_considerations(spec, study),
-        "caveats": text.risk_caveats(ev.final_report) + text.caveats(spec, study),
+        "caveats": risk_caveats(ev.final_report) + text.caveats(spec, study),
         "mechanistic_limitations": text.mechanistic_limitations(spec),
         "update_plan": text.update_plan(spec, study),
     }

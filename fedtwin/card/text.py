@@ -195,28 +195,6 @@ def caveats(spec: dict[str, Any], study: dict[str, Any]) -> list[str]:
     ]
 
 
-def risk_caveats(report: dict[str, Any]) -> list[str]:
-    """What this twin's own held-out AUROCs say about using its risk scores, per outcome.
-
-    Why: a risk score that ranks patients backwards is worse than none, and the benchmark shows
-    DP training can produce one; the card must say so for *this* model, from its own published
-    cells (value and CI; suppressed cells say nothing)."""
-    out = []
-    for o in report.get("outcomes", []):
-        cell = report.get("metrics", {}).get(f"auroc.{o}.twin")
-        if not isinstance(cell, dict) or cell.get("value") is None or not cell.get("ci"):
-            continue
-        v, (lo, hi) = float(cell["value"]), (float(x) for x in cell["ci"])
-        shown = f"AUROC {v:.2f}, CI {lo:.2f}-{hi:.2f}"
-        if hi < 0.5:
-            out.append(f"The {o} risk ranks the held-out patients BACKWARDS ({shown}): do not use it to rank, triage or "
-                       f"alert; retrain (docs/results.md discusses why DP training can do this).")
-        elif lo <= 0.5:
-            out.append(f"The {o} risk is not distinguishable from chance on the held-out patients ({shown}): do not use "
-                       f"it to rank, triage or alert.")
-    return out
-
-
 def mechanistic_limitations(spec: dict[str, Any]) -> list[str]:
     f = spec_facts(spec)
     return [
